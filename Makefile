@@ -1,0 +1,37 @@
+# Two commands on a fresh clone: `make demo` runs the embedded default, `make test` the tests.
+# Both create .venv with the pinned dependencies when it is missing (Python >= 3.11 needed).
+PYTHON ?= python3
+CORES ?= 2
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast report setup clean
+
+$(STAMP): requirements.txt requirements-test.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+	touch $@
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores 1 --report results/report.html
+	@echo
+	@echo "Summary table: results/summary.csv"
+	@echo "HTML report:   results/report.html"
+	@echo "Plots:         results/plots/"
+
+report: $(STAMP)
+	$(BIN)/snakemake --cores 1 --report results/report.html
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf results/* .snakemake
+	touch results/.gitkeep

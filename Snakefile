@@ -1,0 +1,31 @@
+# Adversarial robustness of pathology foundation models on whole-slide images.
+#
+#   slides --tile--> tiles --extract--> clean features --train_mil--> MIL heads (k-fold)
+#            tiles --perturb (k tiles)--> adversarial tiles --reembed--> k new feature rows
+#   MIL heads + clean/attacked bags --evaluate--> per-slide CSV --summarize--> summary.csv, plots
+#
+# Read from here down: rules/common.smk holds the config and sample-sheet handling, then one
+# file per stage. The library behind every rule script is workflow_scripts/wsiattack/.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/demo.smk"
+include: "rules/tile.smk"
+include: "rules/extract.smk"
+include: "rules/attack.smk"
+include: "rules/mil.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        "results/summary.csv",
+        "results/plots/metrics.png",
+        expand("results/plots/examples/{attack}/{encoder}.png", attack=ATTACKS, encoder=ENCODERS),
+    default_target: True

@@ -1,0 +1,68 @@
+# Shared by all rules: the library on the path, the validated config, the sample sheet, and the
+# per-rule specs that Snakemake tracks as params (functions of wildcards only).
+import functools
+import os
+import sys
+from pathlib import Path
+
+LIBRARY = str(Path(workflow.basedir) / "workflow_scripts")
+sys.path.insert(0, LIBRARY)
+# Jobs run scripts in fresh interpreters (and, with --sdm conda, in per-rule envs where the
+# library is not installed): they find it through PYTHONPATH.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (LIBRARY, os.environ.get("PYTHONPATH")) if p)
+
+from wsiattack import config as wsiconfig
+from wsiattack.samples import read_samples
+
+CONFIG = wsiconfig.validate_config(config)
+USES_DEMO = CONFIG["samples"] == wsiconfig.DEMO_SAMPLES
+ENCODERS = CONFIG["encoders"]
+ATTACKS = list(CONFIG["attacks"])
+MIL_MODELS = CONFIG["mil"]["models"]
+FOLDS = list(range(CONFIG["mil"]["folds"]))
+
+NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+
+
+wildcard_constraints:
+    slide=NAME,
+    encoder=NAME,
+    attack=NAME,
+    mil=NAME,
+    fold=r"\d+",
+
+
+@functools.cache
+def _read_samples(path, mtime_ns):
+    return read_samples(path, classes=CONFIG["classes"], base_dir=Path(path).parent)
+
+
+def samples():
+    """The validated sample sheet (after the demo cohort exists, when the demo is used)."""
+    if USES_DEMO:
+        checkpoints.demo_cohort.get()
+    path = CONFIG["samples"]
+    return _read_samples(path, os.stat(path).st_mtime_ns)
+
+
+def slide_ids():
+    return list(samples().index)
+
+
+if not USES_DEMO:
+    samples()  # a bad sheet fails at start-up, naming the row, before any job runs
+
+
+def spec(value):
+    """Sorted JSON of a spec: the form Snakemake stores and compares to decide re-runs."""
+    return wsiconfig.spec_json(value)
+
+
+def log_path(rule, *wildcard_names):
+    parts = "_".join(f"{{{w}}}" for w in wildcard_names) or rule
+    return f"results/logs/{rule}/{parts}.log"
+
+
+def benchmark_path(rule, *wildcard_names):
+    parts = "_".join(f"{{{w}}}" for w in wildcard_names) or rule
+    return f"results/benchmarks/{rule}/{parts}.tsv"

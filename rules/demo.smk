@@ -1,0 +1,18 @@
+# The embedded demo cohort: synthetic pyramidal TIFF slides and their sample sheet. A checkpoint,
+# because the slide ids are only known once the sample sheet exists.
+
+
+checkpoint demo_cohort:
+    output:
+        samples=wsiconfig.DEMO_SAMPLES,
+        slides=directory("results/demo/slides"),
+    params:
+        spec=lambda wildcards: spec({"demo": CONFIG["demo"], "classes": CONFIG["classes"]}),
+    log:
+        log_path("demo_cohort"),
+    benchmark:
+        benchmark_path("demo_cohort")
+    conda:
+        "../envs/slides.yaml"
+    script:
+        "../workflow_scripts/demo_cohort.py"

@@ -1,0 +1,70 @@
+# MIL heads trained on clean features only (k-fold cross-validation), then evaluated on clean
+# and attacked bags of their test slides.
+
+
+rule split:
+    input:
+        samples=CONFIG["samples"],
+    output:
+        splits="results/splits.csv",
+    params:
+        spec=lambda wildcards: spec(wsiconfig.split_spec(CONFIG)),
+    log:
+        log_path("split"),
+    benchmark:
+        benchmark_path("split")
+    conda:
+        "../envs/mil.yaml"
+    script:
+        "../workflow_scripts/split.py"
+
+
+def clean_features(wildcards):
+    return expand("results/features/{encoder}/{slide}.zarr", encoder=wildcards.encoder, slide=slide_ids())
+
+
+rule train_mil:
+    input:
+        splits="results/splits.csv",
+        features=clean_features,
+    output:
+        model="results/mil/{encoder}/{mil}/fold{fold}/model.safetensors",
+    params:
+        spec=lambda wildcards: spec(
+            {**wsiconfig.mil_spec(CONFIG, wildcards.mil), "fold": int(wildcards.fold), "classes": CONFIG["classes"]}
+        ),
+    log:
+        log_path("train_mil", "encoder", "mil", "fold"),
+    benchmark:
+        benchmark_path("train_mil", "encoder", "mil", "fold")
+    threads: 1
+    conda:
+        "../envs/mil.yaml"
+    script:
+        "../workflow_scripts/train_mil.py"
+
+
+rule evaluate:
+    input:
+        splits="results/splits.csv",
+        models=expand("results/mil/{{encoder}}/{{mil}}/fold{fold}/model.safetensors", fold=FOLDS),
+        features=clean_features,
+        reembedded=lambda wildcards: expand(
+            "results/reembedded/{attack}/{encoder}/{slide}.zarr",
+            attack=wildcards.attack,
+            encoder=wildcards.encoder,
+            slide=slide_ids(),
+        ),
+    output:
+        per_slide="results/eval/{encoder}/{mil}/{attack}.csv",
+    params:
+        spec=lambda wildcards: spec({"classes": CONFIG["classes"], "attack": wildcards.attack}),
+    log:
+        log_path("evaluate", "encoder", "mil", "attack"),
+    benchmark:
+        benchmark_path("evaluate", "encoder", "mil", "attack")
+    threads: 1
+    conda:
+        "../envs/mil.yaml"
+    script:
+        "../workflow_scripts/evaluate.py"

@@ -1,0 +1,70 @@
+# Cohort-level outputs: the tidy summary table and the figures of the HTML report.
+
+
+rule summarize:
+    input:
+        evaluations=expand(
+            "results/eval/{encoder}/{mil}/{attack}.csv", encoder=ENCODERS, mil=MIL_MODELS, attack=ATTACKS
+        ),
+    output:
+        summary=report("results/summary.csv", caption="captions/summary.rst", category="Summary"),
+    params:
+        spec=lambda wildcards: spec({"classes": CONFIG["classes"], **CONFIG["evaluation"]}),
+    log:
+        log_path("summarize"),
+    benchmark:
+        benchmark_path("summarize")
+    conda:
+        "../envs/mil.yaml"
+    script:
+        "../workflow_scripts/summarize.py"
+
+
+rule plot_metrics:
+    input:
+        summary="results/summary.csv",
+    output:
+        plot=report("results/plots/metrics.png", caption="captions/metrics.rst", category="Summary"),
+    params:
+        spec=lambda wildcards: spec({}),
+    log:
+        log_path("plot_metrics"),
+    benchmark:
+        benchmark_path("plot_metrics")
+    conda:
+        "../envs/plots.yaml"
+    script:
+        "../workflow_scripts/plot_metrics.py"
+
+
+def example_slides(wildcards):
+    """The first few slides with their tiles and attack stores, for the example-tile figure."""
+    return slide_ids()[: CONFIG["evaluation"]["n_example_tiles"]]
+
+
+rule plot_examples:
+    input:
+        tiles=lambda wildcards: expand("results/tiles/{slide}.zarr", slide=example_slides(wildcards)),
+        attacks=lambda wildcards: expand(
+            "results/attacks/{attack}/{encoder}/{slide}.zarr",
+            attack=wildcards.attack,
+            encoder=wildcards.encoder,
+            slide=example_slides(wildcards),
+        ),
+    output:
+        plot=report(
+            "results/plots/examples/{attack}/{encoder}.png",
+            caption="captions/examples.rst",
+            category="Adversarial tiles",
+            labels={"attack": "{attack}", "encoder": "{encoder}"},
+        ),
+    params:
+        spec=lambda wildcards: spec({"n_example_tiles": CONFIG["evaluation"]["n_example_tiles"]}),
+    log:
+        log_path("plot_examples", "attack", "encoder"),
+    benchmark:
+        benchmark_path("plot_examples", "attack", "encoder")
+    conda:
+        "../envs/plots.yaml"
+    script:
+        "../workflow_scripts/plot_examples.py"

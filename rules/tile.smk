@@ -1,0 +1,38 @@
+# Slide -> tiles store (zarr v3) at the target resolution, plus a QC thumbnail.
+import math
+
+
+def slide_mpp_override(slide):
+    sheet = samples()
+    if "mpp" not in sheet.columns:
+        return None
+    mpp = float(sheet.loc[slide, "mpp"])
+    return None if math.isnan(mpp) else mpp
+
+
+rule tile:
+    input:
+        slide=lambda wildcards: samples().loc[wildcards.slide, "path"],
+    output:
+        store=directory("results/tiles/{slide}.zarr"),
+        qc=report(
+            "results/qc/{slide}.png",
+            caption="captions/qc.rst",
+            category="Tiling QC",
+            labels={"slide": "{slide}"},
+        ),
+    params:
+        spec=lambda wildcards: spec(
+            {"tiling": CONFIG["tiling"], "mpp_override": slide_mpp_override(wildcards.slide)}
+        ),
+    log:
+        log_path("tile", "slide"),
+    benchmark:
+        benchmark_path("tile", "slide")
+    threads: 1
+    resources:
+        mem_mb=2000,
+    conda:
+        "../envs/slides.yaml"
+    script:
+        "../workflow_scripts/tile.py"

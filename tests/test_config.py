@@ -1,0 +1,72 @@
+"""Config validation: defaults, normalisation, and one clear error per bad key."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wsiattack import config as wsiconfig
+from wsiattack.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def shipped():
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_shipped_config_validates_and_fills_defaults(shipped):
+    checked = wsiconfig.validate_config(shipped)
+    assert checked["attacks"]["pgd_eps4"]["eps"] == pytest.approx(4 / 255)
+    assert checked["attacks"]["pgd_eps4"]["step_size"] == pytest.approx(1 / 255)
+    assert checked["tiling"]["mpp_tolerance"] == 0.05  # default filled in
+    assert checked["tiling"]["tissue"]["min_object_um2"] == 20000.0
+    assert shipped["attacks"]["pgd_eps4"]["eps"] == "4/255"  # the input is not modified
+
+
+def test_test_configs_validate():
+    for path in (ROOT / "tests" / "configs").glob("*.yaml"):
+        wsiconfig.validate_config(yaml.safe_load(path.read_text()))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(colour="blue"), r"config: <top level>: .*'colour' was unexpected"),
+        (lambda c: c["attacks"]["pgd_eps4"].update(epz=1), r"config: attacks\.pgd_eps4: .*'epz' was unexpected"),
+        (lambda c: c["tiling"]["tissue"].update(min_fraction=2), r"config: tiling\.tissue\.min_fraction: 2 is greater than the maximum"),
+        (lambda c: c["attacks"]["pgd_eps4"].update(eps="4/0"), r"config: attacks\.pgd_eps4\.eps: division by zero"),
+        (lambda c: c["attacks"]["pgd_eps4"].update(eps="300/255"), r"attacks\.pgd_eps4\.eps: 1\.17\d* is outside \[0, 1\]"),
+        (lambda c: c["attacks"]["pgd_eps4"].update(eps="four"), r"attacks\.pgd_eps4\.eps: 'four' is neither a number"),
+        (lambda c: c.update(encoders=["uni_typo"]), r"config: encoders: unknown encoder 'uni_typo' \(known: demo"),
+        (lambda c: c["attacks"]["pgd_eps4"].update(method="deepfool"), r"attacks\.pgd_eps4\.method: 'deepfool' is not one of"),
+        (lambda c: c.pop("classes"), r"'classes' is a required property"),
+        (lambda c: c["attacks"].update({"bad/name": c["attacks"]["pgd_eps4"]}), r"config: attacks: 'bad/name' does not match"),
+    ],
+)
+def test_bad_config_names_the_key(shipped, edit, message):
+    bad = copy.deepcopy(shipped)
+    edit(bad)
+    with pytest.raises(ConfigError, match=message):
+        wsiconfig.validate_config(bad)
+
+
+def test_equivalent_values_give_the_same_spec(shipped):
+    """Writing eps as a fraction or as a float must not re-run anything."""
+    as_float = copy.deepcopy(shipped)
+    as_float["attacks"]["pgd_eps4"]["eps"] = 4 / 255
+    a = wsiconfig.attack_spec(wsiconfig.validate_config(shipped), "pgd_eps4")
+    b = wsiconfig.attack_spec(wsiconfig.validate_config(as_float), "pgd_eps4")
+    assert wsiconfig.spec_json(a) == wsiconfig.spec_json(b)
+
+
+def test_attack_specs_are_independent(shipped):
+    """Editing one attack leaves the other attack's spec (and so its jobs) unchanged."""
+    edited = copy.deepcopy(shipped)
+    edited["attacks"]["pgd_eps4"]["eps"] = "8/255"
+    before, after = wsiconfig.validate_config(shipped), wsiconfig.validate_config(edited)
+    assert wsiconfig.attack_spec(before, "pgd_eps4") != wsiconfig.attack_spec(after, "pgd_eps4")
+    assert wsiconfig.attack_spec(before, "noise_eps4") == wsiconfig.attack_spec(after, "noise_eps4")
+    assert wsiconfig.spec_json({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'

@@ -1,0 +1,84 @@
+"""Per-rule conda envs: exact pins equal to requirements.txt, and every import a rule needs."""
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ROOT / "workflow_scripts"
+# import name -> distribution name, where they differ
+DISTRIBUTIONS = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml", "openslide": "openslide-python"}
+# what a distribution needs beside it at run time without importing it by name
+COMPANIONS = {"openslide-python": {"openslide-bin"}, "zarr": {"numcodecs"}, "tifffile": {"imagecodecs"}}
+
+
+def requirement_pins() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def env_pins(path: Path) -> dict[str, str]:
+    env = yaml.safe_load(path.read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    return {name.lower(): version for name, version in (p.split("==") for p in pip)}
+
+
+def rule_envs_and_scripts() -> list[tuple[str, Path, Path]]:
+    """(rule, env file, script) for every rule, read from rules/*.smk."""
+    found = []
+    for smk in (ROOT / "rules").glob("*.smk"):
+        for block in re.split(r"\n(?=(?:rule|checkpoint) )", smk.read_text()):
+            rule = re.match(r"(?:rule|checkpoint) (\w+):", block)
+            env = re.search(r'conda:\s*\n\s*"([^"]+)"', block)
+            script = re.search(r'script:\s*\n\s*"([^"]+)"', block)
+            if rule:
+                assert env and script, f"rule {rule.group(1)} in {smk.name} needs conda: and script:"
+                found.append((rule.group(1), (smk.parent / env.group(1)).resolve(), (smk.parent / script.group(1)).resolve()))
+    return found
+
+
+def third_party_imports(script: Path) -> set[str]:
+    """Top-level modules imported by a script and, transitively, by the library modules it uses."""
+    seen, todo, external = set(), [script], set()
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            for name in names:
+                top = name.split(".")[0]
+                if top == "wsiattack":
+                    module = LIBRARY / Path(*name.split("."))
+                    todo.extend(p for p in (module.with_suffix(".py"), module / "__init__.py") if p.exists())
+                    if isinstance(node, ast.ImportFrom):  # from wsiattack import a, b
+                        todo.extend(p for a in node.names for p in ((module / a.name).with_suffix(".py"), module / a.name / "__init__.py") if p.exists())
+                elif top not in sys.stdlib_module_names and top != "__future__":
+                    external.add(top)
+    return external
+
+
+def test_env_pins_equal_requirements():
+    pins = requirement_pins()
+    for env in (ROOT / "envs").glob("*.yaml"):
+        for name, version in env_pins(env).items():
+            assert pins.get(name) == version, f"{env.name}: {name}=={version} but requirements.txt pins {pins.get(name)}"
+        assert "python=3.11" in yaml.safe_load(env.read_text())["dependencies"]
+
+
+def test_every_rule_env_has_what_its_script_imports():
+    rules = rule_envs_and_scripts()
+    assert {r for r, _, _ in rules} >= {"demo_cohort", "tile", "extract", "perturb", "reembed", "split", "train_mil", "evaluate", "summarize", "plot_metrics", "plot_examples"}
+    for rule, env, script in rules:
+        available = set(env_pins(env))
+        needed = {DISTRIBUTIONS.get(m, m).lower() for m in third_party_imports(script)}
+        needed |= {c for d in needed for c in COMPANIONS.get(d, ())}
+        assert needed <= available, f"rule {rule}: {env.name} lacks {sorted(needed - available)}"

@@ -1,0 +1,156 @@
+"""End to end through Snakemake's CLI on the tiny config: outputs, re-runs, the report, bad input.
+
+Slow tier (a few minutes): `make test-fast` skips it.
+"""
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from wsiattack import stores
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+
+
+def snakemake(workdir: Path, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
+    # gpu=2: on a CPU-only machine the GPU token must not serialise the torch jobs.
+    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(config or workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=2", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("tiny")
+    shutil.copy(TINY, workdir / "config.yaml")
+    ok(snakemake(workdir))
+    return workdir
+
+
+def test_summary_has_every_metric_for_every_attack(tiny):
+    summary = pd.read_csv(tiny / "results" / "summary.csv")
+    assert list(summary.columns[:7]) == ["encoder", "mil", "attack", "metric", "clean", "attacked", "drop"]
+    assert set(summary["attack"]) == {"pgd", "noise"}
+    for _, rows in summary.groupby("attack"):
+        assert list(rows["metric"]) == ["accuracy", "balanced_accuracy", "f1_macro", "auroc", "flip_rate"]
+    values = summary[["clean", "attacked"]].to_numpy()
+    assert np.all((values >= 0) & (values <= 1))
+    np.testing.assert_allclose(summary["drop"], summary["clean"] - summary["attacked"])
+    for name in ("metrics.png", "examples/pgd/demo.png", "examples/noise/demo.png"):
+        assert (tiny / "results" / "plots" / name).stat().st_size > 10_000
+
+
+def test_stores_agree_with_each_other(tiny):
+    evaluation = pd.read_csv(tiny / "results" / "eval" / "demo" / "abmil" / "pgd.csv", dtype={"slide_id": str})
+    assert len(evaluation) == 6 and set(evaluation["fold"]) == {0, 1}
+    for slide in evaluation["slide_id"]:
+        results = tiny / "results"
+        tiles = stores.open_store(results / "tiles" / f"{slide}.zarr", kind=stores.TILES)
+        features = stores.open_store(results / "features" / "demo" / f"{slide}.zarr", kind=stores.FEATURES)
+        attack = stores.open_store(results / "attacks" / "pgd" / "demo" / f"{slide}.zarr", kind=stores.ATTACK)
+        noise = stores.open_store(results / "attacks" / "noise" / "demo" / f"{slide}.zarr", kind=stores.ATTACK)
+        replaced = stores.open_store(results / "reembedded" / "pgd" / "demo" / f"{slide}.zarr", kind=stores.REEMBEDDED)
+        n = tiles["tiles"].shape[0]
+        assert features["features"].shape == (n, 192) and features.attrs["encoder"] == "demo"
+        k = max(1, round(0.05 * n))
+        np.testing.assert_array_equal(attack["index"][...], replaced["index"][...])
+        np.testing.assert_array_equal(attack["index"][...], noise["index"][...])  # same tiles as the control
+        assert replaced["features"].shape == (k, 192)
+        assert np.abs(attack["adv_tiles"][...].astype(int) - tiles["tiles"].get_orthogonal_selection((attack["index"][...],)).astype(int)).max() <= 4
+        assert (tiny / "results" / "qc" / f"{slide}.png").exists()
+    assert (evaluation["k"] >= 1).all()
+
+
+def test_rerun_has_nothing_to_do(tiny):
+    result = ok(snakemake(tiny, "--dry-run"))
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_report_builds(tiny):
+    ok(snakemake(tiny, "--report", "report.html"))
+    assert (tiny / "report.html").stat().st_size > 50_000
+
+
+def changed_benchmarks(workdir: Path, since: float) -> set[str]:
+    """Jobs that ran since ``since``: every rule writes a benchmark file per job."""
+    root = workdir / "results" / "benchmarks"
+    return {str(p.relative_to(root)) for p in root.rglob("*.tsv") if p.stat().st_mtime > since}
+
+
+def test_editing_one_attack_reruns_only_that_attack(tiny):
+    config = yaml.safe_load((tiny / "config.yaml").read_text())
+    config["attacks"]["pgd"]["eps"] = "2/255"
+    (tiny / "config.yaml").write_text(yaml.safe_dump(config))
+    since = time.time()
+    ok(snakemake(tiny))
+    ran = changed_benchmarks(tiny, since)
+    rules = {name.split("/")[0] for name in ran}
+    assert rules == {"perturb", "reembed", "evaluate", "summarize", "plot_metrics", "plot_examples"}, ran
+    assert all("pgd" in name for name in ran if not name.startswith(("summarize", "plot_metrics"))), ran
+    assert len([n for n in ran if n.startswith("perturb/")]) == 6
+    adv = stores.open_store(tiny / "results" / "attacks" / "pgd" / "demo" / "demo_000.zarr", kind=stores.ATTACK)
+    assert adv.attrs["attack"]["eps"] == pytest.approx(2 / 255) and float(np.max(adv["linf"][...])) <= 2 / 255 + 1e-7
+
+
+@pytest.fixture
+def user_cohort(tiny, tmp_path) -> Path:
+    """A user's own sample sheet over the tiny run's slides, in a fresh work directory."""
+    config = yaml.safe_load(TINY.read_text())
+    config["samples"] = "samples.csv"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    sheet = pd.read_csv(tiny / "results" / "demo" / "samples.csv")
+    sheet["path"] = [str(tiny / "results" / "demo" / p) for p in sheet["path"]]
+    sheet.to_csv(tmp_path / "samples.csv", index=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: pd.concat([s, s.iloc[:1]]), r"duplicate slide_id 'demo_000'"),
+        (lambda s: s.assign(label=["normal", "tumor", "cancer", "normal", "tumor", "normal"]), r"line 4: slide 'demo_002': label 'cancer' is not one of"),
+        (lambda s: s.assign(path=[*s["path"][:5], "/nonexistent/x.svs"]), r"slide 'demo_005': file not found: /nonexistent/x\.svs"),
+    ],
+)
+def test_bad_sample_sheet_fails_at_start_naming_the_row(user_cohort, edit, message):
+    sheet = edit(pd.read_csv(user_cohort / "samples.csv"))
+    sheet.to_csv(user_cohort / "samples.csv", index=False)
+    result = snakemake(user_cohort)
+    assert result.returncode != 0
+    assert re.search(message, result.stdout + result.stderr), result.stderr[-3000:]
+    assert not (user_cohort / "results").exists()  # nothing partial
+
+
+def test_unknown_config_key_fails_at_start(user_cohort):
+    config = yaml.safe_load((user_cohort / "config.yaml").read_text())
+    config["attacks"]["pgd"]["epz"] = 1
+    (user_cohort / "config.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(user_cohort)
+    assert result.returncode != 0
+    assert "config: attacks.pgd: Additional properties are not allowed ('epz' was unexpected)" in result.stdout + result.stderr
+
+
+def test_unreadable_slide_fails_its_job_and_leaves_no_store(user_cohort):
+    (user_cohort / "notes.svs").write_text("not a slide")
+    sheet = pd.read_csv(user_cohort / "samples.csv")
+    sheet.loc[0, "path"] = str(user_cohort / "notes.svs")
+    sheet.to_csv(user_cohort / "samples.csv", index=False)
+    result = snakemake(user_cohort, "results/tiles/demo_000.zarr")
+    assert result.returncode != 0
+    assert "slide 'demo_000': " in result.stderr and "is not a slide format OpenSlide can read" in result.stderr
+    assert not (user_cohort / "results" / "tiles" / "demo_000.zarr").exists()
+    assert not list((user_cohort / "results" / "tiles").glob(".*tmp*"))

@@ -1,0 +1,125 @@
+"""Configuration: schema validation with defaults, normalised per-rule specs.
+
+Each rule's ``params.spec`` is the sorted JSON of exactly the config entries that rule depends
+on (see ``rules/common.smk``). Snakemake re-runs a job when its params change, so editing one
+attack re-runs only that attack's jobs; normalising here (``"4/255"`` -> float, defaults filled)
+means that rewriting a value in an equivalent form re-runs nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import jsonschema
+import yaml
+
+from wsiattack.errors import ConfigError
+
+DEMO_SAMPLES = "results/demo/samples.csv"
+
+
+@cache
+def load_schema() -> dict[str, Any]:
+    text = resources.files("wsiattack").joinpath("schemas/config.schema.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def _fill_defaults(validator_class: type) -> type:
+    """Extend a jsonschema validator so that ``default`` values are written into the instance."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, subschema in properties.items():
+                subschema = _resolve(validator, subschema)
+                if "default" in subschema and key not in instance:
+                    instance[key] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def _resolve(validator, subschema: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in subschema and "default" not in subschema:
+        return validator._resolver.lookup(subschema["$ref"]).contents
+    return subschema
+
+
+_Validator = _fill_defaults(jsonschema.Draft202012Validator)
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    return ".".join(str(p) for p in error.absolute_path) or "<top level>"
+
+
+def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a validated copy of ``config`` with defaults filled; raise ConfigError otherwise."""
+    checked = copy.deepcopy(dict(config))
+    errors = sorted(_Validator(load_schema()).iter_errors(checked), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        raise ConfigError(f"config: {_where(error)}: {_short_message(error)}")
+    for name, entry in checked["attacks"].items():
+        for key in ("eps", "step_size"):
+            if key in entry:
+                entry[key] = parse_pixel_fraction(entry[key], where=f"attacks.{name}.{key}")
+    _check_encoders(checked["encoders"])
+    return checked
+
+
+def _short_message(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        return f"{error.message} (allowed: {', '.join(sorted(error.schema.get('properties', {})))})"
+    if error.validator == "oneOf" and error.context:
+        return f"{error.instance!r} is neither a number in [0, 1] nor a fraction such as '4/255'"
+    return error.message
+
+
+def _check_encoders(names: list[str]) -> None:
+    from wsiattack.encoders.registry import ENCODERS  # torch-free
+
+    unknown = [n for n in names if n not in ENCODERS]
+    if unknown:
+        raise ConfigError(f"config: encoders: unknown encoder {unknown[0]!r} (known: {', '.join(ENCODERS)})")
+
+
+def parse_pixel_fraction(value: float | str, *, where: str) -> float:
+    """``0.0157`` or ``"4/255"`` -> float in [0, 1]."""
+    if isinstance(value, str):
+        numerator, denominator = (float(part) for part in value.split("/"))
+        if denominator == 0:
+            raise ConfigError(f"config: {where}: division by zero in {value!r}")
+        value = numerator / denominator
+    value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"config: {where}: {value} is outside [0, 1]")
+    return value
+
+
+def spec_json(spec: Any) -> str:
+    """The canonical form of a spec: sorted keys, no whitespace (what Snakemake compares)."""
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+
+def tiling_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(config["tiling"])
+
+
+def attack_spec(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    if name not in config["attacks"]:
+        raise ConfigError(f"config: attacks: unknown attack {name!r} (known: {', '.join(config['attacks'])})")
+    return {"name": name, **copy.deepcopy(config["attacks"][name])}
+
+
+def mil_spec(config: Mapping[str, Any], model: str) -> dict[str, Any]:
+    spec = {k: v for k, v in config["mil"].items() if k != "models"}
+    return {"model": model, **spec}
+
+
+def split_spec(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {"folds": config["mil"]["folds"], "seed": config["mil"]["seed"], "classes": config["classes"]}

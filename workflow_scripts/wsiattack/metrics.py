@@ -1,0 +1,181 @@
+"""Slide-level classification metrics and the clean-vs-attacked summary with bootstrap CIs."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auroc")
+SUMMARY_METRICS = (*CLASSIFICATION_METRICS, "flip_rate")
+SUMMARY_COLUMNS = ("metric", "clean", "attacked", "drop", "drop_ci_low", "drop_ci_high", "n_slides")
+CI_PERCENTILES = (2.5, 97.5)
+
+
+def classification_metrics(
+    *, y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray, n_classes: int
+) -> dict[str, float]:
+    """accuracy, balanced_accuracy, f1_macro and auroc of predicted class indices / probabilities.
+
+    balanced_accuracy and f1_macro average over the classes that occur (sklearn's defaults).
+    AUROC is NaN, not an error, unless every class 0..n_classes-1 occurs in ``y_true``: binary
+    AUROC needs both classes and macro one-vs-rest AUROC needs a positive for every class.
+    """
+    y_true, y_pred, prob = np.asarray(y_true), np.asarray(y_pred), np.asarray(prob, dtype=np.float64)
+    if n_classes < 2 or prob.shape != (len(y_true), n_classes) or y_pred.shape != y_true.shape or len(y_true) == 0:
+        raise ValueError(
+            f"need n_classes >= 2 and non-empty y_true, y_pred (n,) with prob (n, n_classes); got n_classes="
+            f"{n_classes}, y_true {y_true.shape}, y_pred {y_pred.shape}, prob {prob.shape}"
+        )
+    with warnings.catch_warnings():
+        # Expected in small cohorts and bootstrap resamples; the metric is still well defined.
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found in 'y_true' and 'y_pred'")
+        balanced_accuracy = balanced_accuracy_score(y_true, y_pred)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy),
+        "f1_macro": float(f1_score(y_true, y_pred, average="macro", zero_division=0.0)),
+        "auroc": _auroc(y_true=y_true, prob=prob, n_classes=n_classes),
+    }
+
+
+def _auroc(*, y_true: np.ndarray, prob: np.ndarray, n_classes: int) -> float:
+    if not np.isin(np.arange(n_classes), y_true).all():
+        return float("nan")
+    if n_classes == 2:
+        return float(roc_auc_score(y_true, prob[:, 1]))
+    return float(roc_auc_score(y_true, prob, multi_class="ovr", average="macro", labels=np.arange(n_classes)))
+
+
+@dataclass(frozen=True)
+class _PairedPredictions:
+    """Clean and attacked predictions of the same slides, row-aligned."""
+
+    y_true: np.ndarray
+    clean_prob: np.ndarray
+    attacked_prob: np.ndarray
+    clean_pred: np.ndarray
+    attacked_pred: np.ndarray
+
+    def subset(self, rows: np.ndarray) -> _PairedPredictions:
+        return _PairedPredictions(
+            y_true=self.y_true[rows],
+            clean_prob=self.clean_prob[rows],
+            attacked_prob=self.attacked_prob[rows],
+            clean_pred=self.clean_pred[rows],
+            attacked_pred=self.attacked_pred[rows],
+        )
+
+    def clean_and_attacked(self, *, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Values in SUMMARY_METRICS order; flip_rate is (0, flip rate)."""
+        clean = classification_metrics(
+            y_true=self.y_true, prob=self.clean_prob, y_pred=self.clean_pred, n_classes=n_classes
+        )
+        attacked = classification_metrics(
+            y_true=self.y_true, prob=self.attacked_prob, y_pred=self.attacked_pred, n_classes=n_classes
+        )
+        flip_rate = float(np.mean(self.clean_pred != self.attacked_pred))
+        return (
+            np.array([*(clean[m] for m in CLASSIFICATION_METRICS), 0.0]),
+            np.array([*(attacked[m] for m in CLASSIFICATION_METRICS), flip_rate]),
+        )
+
+
+def summarize_attack(eval_df: pd.DataFrame, *, classes: Sequence[str], n_bootstrap: int, seed: int) -> pd.DataFrame:
+    """Clean vs. attacked metrics of one (encoder, MIL model, attack) with paired bootstrap CIs of the drop.
+
+    ``eval_df`` has one row per slide: ``slide_id, label, label_idx, clean_pred, attacked_pred``
+    (class indices into ``classes``) and ``clean_prob_{c}``, ``attacked_prob_{c}`` per class c;
+    other columns are ignored. Returns one row per metric (accuracy, balanced_accuracy, f1_macro,
+    auroc, flip_rate) with columns ``metric, clean, attacked, drop, drop_ci_low, drop_ci_high,
+    n_slides``, where drop = clean - attacked (positive = the attack hurt). For ``flip_rate`` (the
+    fraction of slides whose predicted class changed) clean is 0.0 and attacked is the flip rate,
+    so its drop is minus the flip rate. CIs are 95 % percentile intervals of the drop over
+    ``n_bootstrap`` paired resamples of slides (numpy ``default_rng(seed)``); resamples where a
+    metric is undefined (e.g. AUROC with a missing class) are skipped for that metric; with
+    ``n_bootstrap == 0`` the CIs are NaN.
+    """
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+    predictions = _paired_predictions(eval_df, classes=classes)
+    clean, attacked = predictions.clean_and_attacked(n_classes=len(classes))
+    drops = _bootstrap_drops(predictions, n_classes=len(classes), n_bootstrap=n_bootstrap, seed=seed)
+    ci_low, ci_high = _percentile_intervals(drops)
+    return pd.DataFrame(
+        {
+            "metric": list(SUMMARY_METRICS),
+            "clean": clean,
+            "attacked": attacked,
+            "drop": clean - attacked,
+            "drop_ci_low": ci_low,
+            "drop_ci_high": ci_high,
+            "n_slides": len(predictions.y_true),
+        },
+        columns=list(SUMMARY_COLUMNS),
+    )
+
+
+def _bootstrap_drops(predictions: _PairedPredictions, *, n_classes: int, n_bootstrap: int, seed: int) -> np.ndarray:
+    """(n_bootstrap, n_metrics) drops; clean and attacked share each resample (paired)."""
+    rng = np.random.default_rng(seed)
+    n_slides = len(predictions.y_true)
+    drops = np.empty((n_bootstrap, len(SUMMARY_METRICS)))
+    for resample in range(n_bootstrap):
+        clean, attacked = predictions.subset(rng.integers(0, n_slides, size=n_slides)).clean_and_attacked(
+            n_classes=n_classes
+        )
+        drops[resample] = clean - attacked
+    return drops
+
+
+def _percentile_intervals(drops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    low = np.full(drops.shape[1], np.nan)
+    high = np.full(drops.shape[1], np.nan)
+    for column in range(drops.shape[1]):
+        defined = drops[:, column][~np.isnan(drops[:, column])]
+        if defined.size:
+            low[column], high[column] = np.percentile(defined, CI_PERCENTILES)
+    return low, high
+
+
+def _paired_predictions(eval_df: pd.DataFrame, *, classes: Sequence[str]) -> _PairedPredictions:
+    classes = list(classes)
+    if len(classes) < 2 or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be >= 2 distinct names, got {classes}")
+    prob_columns = {kind: [f"{kind}_prob_{c}" for c in classes] for kind in ("clean", "attacked")}
+    required = ["slide_id", "label", "label_idx", "clean_pred", "attacked_pred"]
+    required += [*prob_columns["clean"], *prob_columns["attacked"]]
+    missing = [c for c in required if c not in eval_df.columns]
+    if missing:
+        raise ValueError(f"eval table lacks column(s) {missing}")
+    if eval_df.empty:
+        raise ValueError("eval table has no slides")
+    if eval_df["slide_id"].duplicated().any():
+        raise ValueError("eval table has more than one row per slide_id")
+    y_true, clean_pred, attacked_pred = (
+        _class_indices(eval_df[c], n_classes=len(classes)) for c in ("label_idx", "clean_pred", "attacked_pred")
+    )
+    # A label/label_idx mismatch means the classes were passed in a different order than used upstream.
+    if (eval_df["label"].astype(str).to_numpy() != np.asarray(classes, dtype=str)[y_true]).any():
+        raise ValueError(f"label does not match classes[label_idx] for classes={classes}")
+    return _PairedPredictions(
+        y_true=y_true,
+        clean_prob=eval_df[prob_columns["clean"]].to_numpy(dtype=np.float64),
+        attacked_prob=eval_df[prob_columns["attacked"]].to_numpy(dtype=np.float64),
+        clean_pred=clean_pred,
+        attacked_pred=attacked_pred,
+    )
+
+
+def _class_indices(column: pd.Series, *, n_classes: int) -> np.ndarray:
+    if not pd.api.types.is_integer_dtype(column):
+        raise ValueError(f"eval table column {column.name!r} must hold integer class indices, got {column.dtype}")
+    indices = column.to_numpy(dtype=np.int64)
+    if indices.min() < 0 or indices.max() >= n_classes:
+        raise ValueError(f"eval table column {column.name!r} has class indices outside [0, {n_classes})")
+    return indices

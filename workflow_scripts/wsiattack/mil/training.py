@@ -1,0 +1,191 @@
+"""Train MIL classifiers on clean bags, predict one bag, and store models without pickle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from wsiattack.mil.models import build_mil_model, mil_model_name
+
+logger = logging.getLogger(__name__)
+
+# The one key of the safetensors metadata (a str -> str dict) that holds our JSON.
+CHECKPOINT_METADATA_KEY = "wsiattack"
+LOG_EVERY_EPOCHS = 10
+
+
+@dataclass(frozen=True)
+class MILTrainingSpec:
+    """How to train one MIL model; ``hparams`` go to the model constructor."""
+
+    model: str
+    epochs: int
+    lr: float
+    weight_decay: float
+    seed: int
+    hparams: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+
+
+def train_mil(*, bags: Sequence[Tensor], labels: Sequence[int], n_classes: int, spec: MILTrainingSpec) -> nn.Module:
+    """Train ``spec.model`` on (bag, label) pairs, one bag per step; return it in eval mode.
+
+    Deterministic given the inputs and ``spec.seed``; the global torch RNG is left untouched.
+    """
+    bags = _as_float_bags(bags)
+    targets = _check_labels(labels, n_bags=len(bags), n_classes=n_classes)
+    class_weights = _class_balanced_weights(targets, n_classes=n_classes)
+    # Init and dropout draw from the global RNG: fork it so that training is seeded by the spec
+    # alone and the caller's RNG stream is the same afterwards.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = build_mil_model(spec.model, in_dim=bags[0].shape[1], n_classes=n_classes, **spec.hparams)
+        optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+        order_generator = torch.Generator().manual_seed(spec.seed)
+        for epoch in range(1, spec.epochs + 1):
+            mean_loss = _train_epoch(
+                model=model,
+                optimizer=optimizer,
+                bags=bags,
+                targets=targets,
+                class_weights=class_weights,
+                order=torch.randperm(len(bags), generator=order_generator),
+            )
+            if epoch == 1 or epoch % LOG_EVERY_EPOCHS == 0 or epoch == spec.epochs:
+                logger.info("%s epoch %d/%d: mean weighted loss %.4f", spec.model, epoch, spec.epochs, mean_loss)
+    return model.eval()
+
+
+def _train_epoch(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    bags: list[Tensor],
+    targets: Tensor,
+    class_weights: Tensor,
+    order: Tensor,
+) -> float:
+    model.train()
+    total = 0.0
+    for index in order.tolist():
+        optimizer.zero_grad()
+        logits, _ = model(bags[index])
+        # reduction="sum", not "mean": with one bag per step the weighted mean divides the class
+        # weight back out (w*l / w), which would silently disable the class balancing.
+        loss = F.cross_entropy(logits[None], targets[index : index + 1], weight=class_weights, reduction="sum")
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return total / len(order)
+
+
+def _as_float_bags(bags: Sequence[Tensor]) -> list[Tensor]:
+    if len(bags) == 0:
+        raise ValueError("train_mil needs at least one bag")
+    float_bags = [torch.as_tensor(bag, dtype=torch.float32, device="cpu") for bag in bags]
+    in_dim = float_bags[0].shape[-1]
+    for index, bag in enumerate(float_bags):
+        if bag.ndim != 2 or bag.shape[0] == 0 or bag.shape[1] != in_dim:
+            raise ValueError(f"bag {index} has shape {tuple(bag.shape)}; expected (N >= 1, {in_dim})")
+    return float_bags
+
+
+def _check_labels(labels: Sequence[int], *, n_bags: int, n_classes: int) -> Tensor:
+    targets = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if targets.shape != (n_bags,):
+        raise ValueError(f"got {n_bags} bags but labels of shape {tuple(targets.shape)}")
+    if targets.min() < 0 or targets.max() >= n_classes:
+        raise ValueError(f"labels must be class indices in [0, {n_classes}), got {sorted(set(targets.tolist()))}")
+    return targets
+
+
+def _class_balanced_weights(targets: Tensor, *, n_classes: int) -> Tensor:
+    """Inverse class frequency, scaled so the mean weight over training bags is 1.
+
+    Classes absent from the training bags get weight 0 (they never occur as a target).
+    """
+    counts = torch.bincount(targets, minlength=n_classes).to(torch.float32)
+    present = counts > 0
+    weights = torch.zeros(n_classes)
+    weights[present] = len(targets) / (int(present.sum()) * counts[present])
+    return weights
+
+
+def predict_bag(model: nn.Module, features: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """One bag -> (class probabilities (n_classes,), attention (N,)) as float64, in eval mode."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.inference_mode():
+            logits, attention = model(torch.as_tensor(features, dtype=torch.float32, device=device))
+            probabilities = torch.softmax(logits, dim=-1)
+    finally:
+        model.train(was_training)
+    return probabilities.double().cpu().numpy(), attention.double().cpu().numpy()
+
+
+def save_mil_checkpoint(path: Path, *, model: nn.Module, meta: Mapping[str, Any]) -> None:
+    """Write weights + JSON metadata to one safetensors file, atomically (no pickle).
+
+    ``meta`` must be JSON-serialisable; model, in_dim, n_classes and hparams are recorded from the
+    model itself, so ``meta`` may repeat them (e.g. a rule's spec) but not contradict them.
+    """
+    path = Path(path)
+    recorded = {
+        "model": mil_model_name(model),
+        "in_dim": model.in_dim,
+        "n_classes": model.n_classes,
+        "hparams": dict(model.hparams),
+    }
+    contradicting = sorted(key for key in set(meta) & set(recorded) if meta[key] != recorded[key])
+    if contradicting:
+        found = {key: recorded[key] for key in contradicting}
+        raise ValueError(f"meta contradicts the model on {contradicting}: the model has {found}")
+    metadata = {**meta, **recorded}
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same directory so os.replace is an atomic rename; a unique name (not mkstemp, which would
+    # leave the checkpoint readable by its owner only) so concurrent writers do not collide.
+    temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, temp_path, metadata={CHECKPOINT_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+        os.replace(temp_path, path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+
+
+def load_mil_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_mil_checkpoint`; return (model in eval mode, metadata).
+
+    The metadata holds model, in_dim, n_classes, hparams and the keys of the saved ``meta``.
+    """
+    with safe_open(str(path), framework="pt") as checkpoint:
+        stored = (checkpoint.metadata() or {}).get(CHECKPOINT_METADATA_KEY)
+    if stored is None:
+        raise ValueError(f"{path}: not a wsiattack MIL checkpoint (no {CHECKPOINT_METADATA_KEY!r} metadata)")
+    metadata = json.loads(stored)
+    model = build_mil_model(
+        metadata["model"], in_dim=metadata["in_dim"], n_classes=metadata["n_classes"], **metadata["hparams"]
+    )
+    model.load_state_dict(load_file(path), strict=True)
+    return model.eval(), metadata
