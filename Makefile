@@ -5,6 +5,10 @@ CORES ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The GPU rules declare resources: gpu=1 and profiles/default allows one at a time. Without a GPU
+# they run on the CPU, where that token would only serialise them.
+GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+GPU_TOKENS := $(if $(filter 0,$(GPUS)),$(CORES),$(GPUS))
 
 .PHONY: demo test test-fast report setup clean
 
@@ -16,7 +20,7 @@ $(STAMP): requirements.txt requirements-test.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --resources gpu=$(GPU_TOKENS)
 	$(BIN)/snakemake --cores 1 --report results/report.html
 	@echo
 	@echo "Summary table: results/summary.csv"

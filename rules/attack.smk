@@ -15,7 +15,7 @@ rule perturb:
         log_path("perturb", "attack", "encoder", "slide"),
     benchmark:
         benchmark_path("perturb", "attack", "encoder", "slide")
-    threads: 2
+    threads: 1  # k tiles only: start-up dominates, so let two jobs share a 2-core machine
     resources:
         gpu=1,
         mem_mb=4000,
@@ -39,7 +39,7 @@ rule reembed:
         log_path("reembed", "attack", "encoder", "slide"),
     benchmark:
         benchmark_path("reembed", "attack", "encoder", "slide")
-    threads: 2
+    threads: 1  # k tiles only: start-up dominates, so let two jobs share a 2-core machine
     resources:
         gpu=1,
         mem_mb=4000,

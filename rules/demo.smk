@@ -12,6 +12,7 @@ checkpoint demo_cohort:
         log_path("demo_cohort"),
     benchmark:
         benchmark_path("demo_cohort")
+    threads: 2
     conda:
         "../envs/slides.yaml"
     script:

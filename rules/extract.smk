@@ -15,7 +15,7 @@ rule extract:
         log_path("extract", "encoder", "slide"),
     benchmark:
         benchmark_path("extract", "encoder", "slide")
-    threads: 2
+    threads: 1  # two single-threaded jobs beat one two-threaded job: start-up is serial
     resources:
         gpu=1,
         mem_mb=4000,

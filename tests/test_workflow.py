@@ -46,9 +46,11 @@ def test_summary_has_every_metric_for_every_attack(tiny):
     assert list(summary.columns[:7]) == ["encoder", "mil", "attack", "metric", "clean", "attacked", "drop"]
     assert set(summary["attack"]) == {"pgd", "noise"}
     for _, rows in summary.groupby("attack"):
-        assert list(rows["metric"]) == ["accuracy", "balanced_accuracy", "f1_macro", "auroc", "flip_rate"]
+        assert list(rows["metric"]) == ["accuracy", "balanced_accuracy", "f1_macro", "auroc", "flip_rate", "tile_cosine_distance"]
     values = summary[["clean", "attacked"]].to_numpy()
     assert np.all((values >= 0) & (values <= 1))
+    shift = summary[summary["metric"] == "tile_cosine_distance"].set_index("attack")["attacked"]
+    assert shift["pgd"] > 10 * shift["noise"]  # the attack beats its control where it acts: the embedding
     np.testing.assert_allclose(summary["drop"], summary["clean"] - summary["attacked"])
     for name in ("metrics.png", "examples/pgd/demo.png", "examples/noise/demo.png"):
         assert (tiny / "results" / "plots" / name).stat().st_size > 10_000

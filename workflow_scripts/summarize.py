@@ -10,7 +10,9 @@ def main(smk, spec):
     parts = []
     for path in smk.input.evaluations:
         encoder, mil, attack = Path(path).parts[-3], Path(path).parts[-2], Path(path).stem
-        table = metrics.summarize_attack(pd.read_csv(path, dtype={"slide_id": str}), classes=spec["classes"], n_bootstrap=spec["n_bootstrap"], seed=spec["seed"])
+        evaluation = pd.read_csv(path, dtype={"slide_id": str})
+        table = metrics.summarize_attack(evaluation, classes=spec["classes"], n_bootstrap=spec["n_bootstrap"], seed=spec["seed"])
+        table = pd.concat([table, metrics.embedding_shift(evaluation)], ignore_index=True)
         parts.append(table.assign(encoder=encoder, mil=mil, attack=attack))
     summary = pd.concat(parts, ignore_index=True)
     first = ["encoder", "mil", "attack", "metric", "clean", "attacked", "drop"]

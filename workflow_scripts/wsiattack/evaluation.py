@@ -71,7 +71,8 @@ def evaluate_attack(
         index = np.asarray(replaced[slide_id]["index"][...])
         attacked = attacked_bag(clean, index=index, replacement=np.asarray(replaced[slide_id]["features"][...]))
         model = models[record["fold"]]
-        rows.append({**_score(model, clean, attacked, index=index, classes=classes), "slide_id": slide_id, "fold": record["fold"], "label": record["label"], "label_idx": list(classes).index(record["label"]), "n_tiles": len(clean), "k": len(index)})
+        shift = _cosine_distance(clean[index], attacked[index])
+        rows.append({**_score(model, clean, attacked, index=index, classes=classes), "tile_cosine_distance": shift, "slide_id": slide_id, "fold": record["fold"], "label": record["label"], "label_idx": list(classes).index(record["label"]), "n_tiles": len(clean), "k": len(index)})
     columns = ["slide_id", "fold", "label", "label_idx", "n_tiles", "k"]
     table = pd.DataFrame(rows)
     return table[columns + [c for c in table.columns if c not in columns]]
@@ -85,3 +86,10 @@ def _score(model, clean: np.ndarray, attacked: np.ndarray, *, index: np.ndarray,
         row.update({f"{name}_prob_{c}": float(p) for c, p in zip(classes, prob)})
         row[f"{name}_attention_on_perturbed"] = float(attention[index].sum())
     return row
+
+
+def _cosine_distance(clean: np.ndarray, attacked: np.ndarray) -> float:
+    """Mean 1 − cos between the clean and the attacked features of the perturbed tiles."""
+    dot = (clean * attacked).sum(axis=1)
+    norms = np.linalg.norm(clean, axis=1) * np.linalg.norm(attacked, axis=1)
+    return float(np.mean(1.0 - dot / np.maximum(norms, 1e-12)))

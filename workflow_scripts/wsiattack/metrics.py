@@ -179,3 +179,14 @@ def _class_indices(column: pd.Series, *, n_classes: int) -> np.ndarray:
     if indices.min() < 0 or indices.max() >= n_classes:
         raise ValueError(f"eval table column {column.name!r} has class indices outside [0, {n_classes})")
     return indices
+
+
+def embedding_shift(eval_df: pd.DataFrame) -> pd.DataFrame:
+    """The label-free objective as the pipeline measured it: mean over slides of the perturbed
+    tiles' 1 − cos(clean, attacked) feature distance (after uint8 rounding and re-embedding).
+
+    One row shaped like ``summarize_attack``'s; clean is 0 by definition, no CI.
+    """
+    value = float(eval_df["tile_cosine_distance"].mean())
+    row = {"metric": "tile_cosine_distance", "clean": 0.0, "attacked": value, "drop": -value, "drop_ci_low": np.nan, "drop_ci_high": np.nan, "n_slides": len(eval_df)}
+    return pd.DataFrame([row], columns=list(SUMMARY_COLUMNS))

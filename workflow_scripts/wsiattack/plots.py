@@ -27,8 +27,8 @@ def _save(fig, path: str | Path) -> None:
 def plot_metrics(summary: pd.DataFrame, out_png: str | Path) -> None:
     """One panel per (encoder, MIL model): grouped bars of clean vs. attacked per metric and attack."""
     groups = list(summary.groupby(["encoder", "mil"], sort=True))
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 3.8 * len(groups)), squeeze=False, gridspec_kw={"width_ratios": [3, 1]})
-    for (encoder, mil), (ax, ax_flip) in zip([g[0] for g in groups], axes):
+    fig, axes = plt.subplots(len(groups), 3, figsize=(15, 3.8 * len(groups)), squeeze=False, gridspec_kw={"width_ratios": [3, 1, 1]})
+    for (encoder, mil), (ax, ax_flip, ax_shift) in zip([g[0] for g in groups], axes):
         table = summary[(summary["encoder"] == encoder) & (summary["mil"] == mil)]
         attacks = sorted(table["attack"].unique())
         width = 0.8 / (len(attacks) + 1)
@@ -47,6 +47,11 @@ def plot_metrics(summary: pd.DataFrame, out_png: str | Path) -> None:
         ax_flip.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right", fontsize=8)
         ax_flip.set_ylim(0, max(0.05, float(flips.max()) * 1.2))
         ax_flip.set_title("flip rate")
+        shifts = table[table["metric"] == "tile_cosine_distance"].set_index("attack").loc[attacks, "attacked"]
+        ax_shift.bar(range(len(attacks)), shifts, color=[f"C{i}" for i in range(len(attacks))])
+        ax_shift.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right", fontsize=8)
+        ax_shift.set_yscale("log")
+        ax_shift.set_title("1 − cos(clean, attacked)\nof the perturbed tiles")
     fig.tight_layout()
     _save(fig, out_png)
 

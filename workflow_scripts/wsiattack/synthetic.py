@@ -27,6 +27,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -591,6 +592,7 @@ def write_demo_cohort(
     width_px: int = 5600,
     height_px: int = 4480,
     tumor_share: float = 0.08,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Write ``n_slides`` synthetic slides ``demo_{i:03d}.tiff`` and their sample sheet.
 
@@ -616,9 +618,9 @@ def write_demo_cohort(
     slides_dir.mkdir(parents=True, exist_ok=True)
 
     labels = _balanced_labels(n_slides, seed)
-    rows = []
-    for i, positive in enumerate(labels.tolist()):
-        slide_id = f"demo_{i:03d}"
+
+    def write_slide(i: int) -> dict[str, str]:
+        slide_id, positive = f"demo_{i:03d}", int(labels[i])
         path = slides_dir / f"{slide_id}.tiff"
         rng = np.random.default_rng((seed, _SLIDE_STREAM, i))
         image = render_slide(rng=rng, width_px=width_px, height_px=height_px, tumor=bool(positive),
@@ -627,7 +629,12 @@ def write_demo_cohort(
         logger.info("wrote %s (%s, %dx%d px, %.3f mpp)", path, classes[positive], width_px,
                     height_px, mpp)
         # Relative to the sheet, as the workflow resolves it: the cohort can be moved as a whole.
-        rows.append({"slide_id": slide_id, "path": os.path.relpath(path, samples_csv.parent), "label": classes[positive]})
+        return {"slide_id": slide_id, "path": os.path.relpath(path, samples_csv.parent), "label": classes[positive]}
+
+    # Each slide has its own generator, so threads (numpy and the JPEG codec release the GIL)
+    # change nothing in the output.
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        rows = list(pool.map(write_slide, range(n_slides)))
 
     sheet = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
 
