@@ -26,6 +26,7 @@ include: "rules/report.smk"
 rule all:
     input:
         "results/summary.csv",
+        "results/skipped_slides.csv",
         "results/plots/metrics.png",
         expand("results/plots/examples/{attack}/{encoder}.png", attack=ATTACKS, encoder=ENCODERS),
     default_target: True

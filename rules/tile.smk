@@ -36,3 +36,20 @@ rule tile:
         "../envs/slides.yaml"
     script:
         "../workflow_scripts/tile.py"
+
+
+rule list_skipped:
+    input:
+        tiles=lambda wildcards: expand("results/tiles/{slide}.zarr", slide=slide_ids()),
+    output:
+        skipped="results/skipped_slides.csv",
+    params:
+        spec=lambda wildcards: spec({}),
+    log:
+        log_path("list_skipped"),
+    benchmark:
+        benchmark_path("list_skipped")
+    conda:
+        "../envs/slides.yaml"
+    script:
+        "../workflow_scripts/list_skipped.py"

@@ -24,7 +24,7 @@ TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 def snakemake(workdir: Path, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
     # gpu=2: on a CPU-only machine the GPU token must not serialise the torch jobs.
-    command = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(config or workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=2", *args]
+    command = [sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(config or workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=2"]
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 

@@ -33,11 +33,17 @@ def attacked_bag(clean: np.ndarray, *, index: np.ndarray, replacement: np.ndarra
     return bag
 
 
+def usable(splits: pd.DataFrame, features: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Slides with at least one tile; slides skipped for lack of tissue have empty bags."""
+    return splits[[len(features[s]) > 0 for s in splits["slide_id"]]]
+
+
 def train_fold(*, splits_csv: str | Path, feature_stores: Sequence[str | Path], spec: Mapping[str, Any], out_model: str | Path) -> None:
     """Train one MIL head on the clean features of every slide not in test fold ``spec['fold']``."""
     splits = pd.read_csv(splits_csv, dtype={"slide_id": str})
-    train = splits[splits["fold"] != spec["fold"]]
     features = read_features(feature_stores)
+    train = usable(splits, features)
+    train = train[train["fold"] != spec["fold"]]
     classes = list(spec["classes"])
     bags = [torch.from_numpy(features[s]) for s in train["slide_id"]]
     labels = [classes.index(label) for label in train["label"]]
@@ -65,7 +71,7 @@ def evaluate_attack(
         model, meta = load_mil_checkpoint(Path(path))
         models[meta["fold"]] = model
     rows = []
-    for record in splits.to_dict("records"):
+    for record in usable(splits, features).to_dict("records"):
         slide_id = record["slide_id"]
         clean = features[slide_id]
         index = np.asarray(replaced[slide_id]["index"][...])

@@ -134,3 +134,13 @@ def write_tile_batch(group: zarr.Group, name: str, data: np.ndarray) -> None:
     )
     if len(data):
         array[...] = data
+
+
+def skipped_slides(tile_stores: list[str | Path]) -> list[dict[str, str]]:
+    """(slide_id, reason) of tiles stores written empty (``tiling.skip_empty``: no tissue)."""
+    rows = []
+    for path in tile_stores:
+        attrs = open_store(path, kind=TILES).attrs
+        if attrs.get("skipped"):
+            rows.append({"slide_id": attrs["slide_id"], "reason": attrs["skipped"]})
+    return rows
