@@ -156,3 +156,49 @@ def test_unreadable_slide_fails_its_job_and_leaves_no_store(user_cohort):
     assert "slide 'demo_000': " in result.stderr and "is not a slide format OpenSlide can read" in result.stderr
     assert not (user_cohort / "results" / "tiles" / "demo_000.zarr").exists()
     assert not list((user_cohort / "results" / "tiles").glob(".*tmp*"))
+
+
+def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:
+    """Jobs per rule that Snakemake would run for ``config`` (dry run, nothing executed)."""
+    path = workdir / "edited.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = ok(snakemake(workdir, "--dry-run", config=path))
+    out = result.stdout + result.stderr
+    if "Nothing to be done" in out:
+        return {}
+    table = out[out.index("Job stats:") :].split("\n\n")[0].splitlines()[3:]
+    return {rule: int(count) for rule, count in (line.split() for line in table) if rule != "total"}
+
+
+def current_config(workdir: Path) -> dict:
+    return yaml.safe_load((workdir / "config.yaml").read_text())
+
+
+def test_editing_mil_settings_reruns_no_slide_level_job(tiny):
+    config = current_config(tiny)
+    config["mil"]["epochs"] = 7
+    jobs = planned_jobs(tiny, config)
+    assert jobs == {"train_mil": 2, "evaluate": 2, "summarize": 1, "plot_metrics": 1, "all": 1}, jobs
+
+
+def test_editing_tiling_reruns_every_slide(tiny):
+    config = current_config(tiny)
+    config["tiling"]["tissue"]["min_fraction"] = 0.6
+    jobs = planned_jobs(tiny, config)
+    for rule, count in {"tile": 6, "extract": 6, "perturb": 12, "reembed": 12, "train_mil": 2, "evaluate": 2}.items():
+        assert jobs.get(rule) == count, jobs
+    assert "demo_cohort" not in jobs
+
+
+def test_adding_a_slide_runs_only_its_jobs_and_the_cohort_level_ones(tiny):
+    demo = tiny / "results" / "demo"
+    sheet = pd.read_csv(demo / "samples.csv")
+    shutil.copy(demo / "slides" / "demo_000.tiff", tiny / "extra.tiff")
+    sheet["path"] = [f"results/demo/{p}" for p in sheet["path"]]  # relative to grown.csv's folder
+    sheet = pd.concat([sheet, pd.DataFrame([{"slide_id": "extra", "path": "extra.tiff", "label": sheet.loc[0, "label"]}])])
+    sheet.to_csv(tiny / "grown.csv", index=False)
+    config = current_config(tiny)
+    config["samples"] = "grown.csv"
+    jobs = planned_jobs(tiny, config)
+    assert {r: jobs.get(r) for r in ("tile", "extract", "perturb", "reembed")} == {"tile": 1, "extract": 1, "perturb": 2, "reembed": 2}, jobs
+    assert jobs["split"] == 1 and jobs["train_mil"] == 2 and jobs["evaluate"] == 2

@@ -44,7 +44,9 @@ def read_samples(path: str | Path, *, classes: Sequence[str], base_dir: str | Pa
     if not duplicated.empty:
         raise SampleSheetError(f"{where}: duplicate slide_id {duplicated.iloc[0]!r}")
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    sheet["path"] = [str(p if Path(p).is_absolute() else base / p) for p in sheet["path"]]
+    # Normalised but not made absolute: Snakemake compares input paths as strings, and relative
+    # paths keep a moved project directory from looking like new inputs.
+    sheet["path"] = [os.path.normpath(p if Path(p).is_absolute() else base / p) for p in sheet["path"]]
     for slide_id, slide_path in zip(sheet["slide_id"], sheet["path"]):
         if not Path(slide_path).is_file():
             raise SampleSheetError(f"{where}: slide {slide_id!r}: file not found: {slide_path}")
