@@ -12,9 +12,10 @@ GPU_TOKENS := $(if $(filter 0,$(GPUS)),$(CORES),$(GPUS))
 
 .PHONY: demo test test-fast report setup clean
 
-$(STAMP): requirements.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-test.txt requirements-test-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-test.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-test-nodeps.txt
 	touch $@
 
 setup: $(STAMP)

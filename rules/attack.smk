@@ -1,14 +1,26 @@
 # The attack stage touches only the k selected tiles of each slide: its cost follows k, not N.
 
 
+def selection_features(wildcards):
+    """Clean features, for the selections that rank tiles by them."""
+    if CONFIG["attacks"][wildcards.attack]["selection"] in ("centrality", "vulnerability"):
+        return f"results/features/{wildcards.encoder}/{wildcards.slide}.zarr"
+    return []
+
+
 rule perturb:
     input:
         tiles="results/tiles/{slide}.zarr",
+        features=selection_features,
     output:
         attack=directory("results/attacks/{attack}/{encoder}/{slide}.zarr"),
     params:
         spec=lambda wildcards: spec(
-            {"attack": wsiconfig.attack_spec(CONFIG, wildcards.attack), "encoder": wildcards.encoder}
+            {
+                "attack": wsiconfig.attack_spec(CONFIG, wildcards.attack),
+                "encoder": wsiconfig.encoder_spec(CONFIG, wildcards.encoder),
+                "tiling": CONFIG["tiling"],
+            }
         ),
         device=CONFIG["device"],
     log:
@@ -32,7 +44,10 @@ rule reembed:
         features=directory("results/reembedded/{attack}/{encoder}/{slide}.zarr"),
     params:
         spec=lambda wildcards: spec(
-            {"encoder": wildcards.encoder, "batch_size": CONFIG["extraction"]["batch_size"]}
+            {
+                "encoder": wsiconfig.encoder_spec(CONFIG, wildcards.encoder),
+                "batch_size": CONFIG["extraction"]["batch_size"],
+            }
         ),
         device=CONFIG["device"],
     log:

@@ -8,7 +8,11 @@ rule extract:
         features=directory("results/features/{encoder}/{slide}.zarr"),
     params:
         spec=lambda wildcards: spec(
-            {"encoder": wildcards.encoder, "batch_size": CONFIG["extraction"]["batch_size"]}
+            {
+                "encoder": wsiconfig.encoder_spec(CONFIG, wildcards.encoder),
+                "batch_size": CONFIG["extraction"]["batch_size"],
+                "tiling": CONFIG["tiling"],
+            }
         ),
         device=CONFIG["device"],  # not a spec: moving to a GPU must not re-run finished work
     log:

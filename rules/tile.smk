@@ -29,7 +29,7 @@ rule tile:
         log_path("tile", "slide"),
     benchmark:
         benchmark_path("tile", "slide")
-    threads: 1
+    threads: 2  # region reads are decoded in parallel (OpenSlide releases the GIL)
     resources:
         mem_mb=2000,
     conda:

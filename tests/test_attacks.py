@@ -1,4 +1,8 @@
-"""Attack stage: budgets, selection, the PGD/noise methods, quantisation and the attack store."""
+"""Attack stage around the methods: budgets, selection, uint8 rounding, the attack store, sweeps."""
+
+import hashlib
+import math
+import zlib
 
 import numpy as np
 import pytest
@@ -6,120 +10,319 @@ import torch
 from torch import nn
 
 from wsiattack import stores
-from wsiattack.attacks.budget import select_tiles, slide_rng, tiles_to_attack
-from wsiattack.attacks.methods import PGD, UniformNoise, quantize
-from wsiattack.attacks.objectives import cosine_distance
+from wsiattack.attacks.bounds import Ball, quantize_l2, quantize_linf
+from wsiattack.attacks.budget import slide_rng, tiles_to_attack
+from wsiattack.attacks.params import normalise_attack
 from wsiattack.attacks.perturb import perturb_slide
-from wsiattack.encoders.model import build_encoder, channels_first, to_unit_pixels
-from wsiattack.errors import AttackError
+from wsiattack.attacks.selection import centrality_scores, random_selection, top_k_selection
+from wsiattack.attacks.sweep import expand_sweep
+from wsiattack.encoders.model import build_encoder
+from wsiattack.errors import AttackError, ConfigError, StoreError
+from wsiattack.evaluation import attacked_bag
+from wsiattack.extraction import extract_slide, reembed_slide
 
 EPS = 4 / 255
+CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def demo():
-    return build_encoder("demo")
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Batches of a few tiles gain nothing from threads, and OpenMP's spin-waiting makes them
+    many times slower when the cores are shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# --- budget and selection ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def clean_uint8():
-    return np.random.default_rng(0).integers(30, 226, size=(3, 224, 224, 3), dtype=np.uint8)
-
-
-def test_budget_is_a_fraction_with_bounds():
+def test_budget_is_a_fraction_with_minimum_and_maximum_counts():
     assert tiles_to_attack(10_000, fraction=0.001, min_tiles=1) == 10
     assert tiles_to_attack(250, fraction=0.001, min_tiles=1) == 1
     assert tiles_to_attack(250, fraction=0.001, min_tiles=3) == 3
     assert tiles_to_attack(2, fraction=0.001, min_tiles=5) == 2
+    assert tiles_to_attack(100_000, fraction=0.01, min_tiles=1, max_tiles=50) == 50
+    assert tiles_to_attack(1_000, fraction=0.01, min_tiles=1, max_tiles=50) == 10
+    with pytest.raises(ConfigError, match="min_tiles <= max_tiles"):
+        tiles_to_attack(100, fraction=0.1, min_tiles=5, max_tiles=2)
+    with pytest.raises(ConfigError, match="fraction 0.0 must be in"):
+        tiles_to_attack(100, fraction=0.0, min_tiles=1)
 
 
-def test_same_seed_same_tiles_across_attacks_and_different_across_slides():
-    pick = lambda seed, slide: select_tiles(1000, 10, strategy="random", rng=slide_rng(seed, slide))  # noqa: E731
+def test_random_selection_is_seeded_per_slide_and_stream_zero_is_unchanged():
+    pick = lambda seed, slide: random_selection(1000, k=10, rng=slide_rng(seed, slide)).index  # noqa: E731
     np.testing.assert_array_equal(pick(0, "a"), pick(0, "a"))
     assert not np.array_equal(pick(0, "a"), pick(0, "b"))
     assert not np.array_equal(pick(0, "a"), pick(1, "a"))
     assert np.all(np.diff(pick(0, "a")) > 0)
+    legacy = np.sort(np.random.default_rng([0, zlib.crc32(b"a")]).choice(1000, size=10, replace=False))
+    np.testing.assert_array_equal(pick(0, "a"), legacy)  # stores written before streams existed stay valid
+    assert slide_rng(0, "a", stream=1).integers(2**62) != slide_rng(0, "a").integers(2**62)
 
 
-def test_quantize_keeps_the_bound_after_rounding():
+def test_top_k_takes_the_highest_scores_with_ties_to_the_lower_index():
+    chosen = top_k_selection(np.array([0.5, 2.0, 2.0, -1.0, 2.0, 0.7]), k=2, what="test")
+    np.testing.assert_array_equal(chosen.index, [1, 2])
+    np.testing.assert_array_equal(chosen.scores, [2.0, 2.0])
+    with pytest.raises(AttackError, match="test: need one finite score per tile"):
+        top_k_selection(np.array([0.5, np.nan]), k=1, what="test")
+
+
+def test_centrality_prefers_tiles_nearest_the_slide_mean():
+    features = np.array([[10.0, 0], [-10, 0], [0.1, 0], [0, 10], [0, -10], [0, 0.2]])
+    np.testing.assert_array_equal(top_k_selection(centrality_scores(features), k=2, what="t").index, [2, 5])
+
+
+# --- rounding to uint8 keeps the bound ----------------------------------------------------------
+
+
+def test_quantize_linf_keeps_the_bound_after_rounding():
     clean = torch.full((1, 3, 2, 2), 100, dtype=torch.uint8)
     eps = 0.01  # 2.55 grey levels: rounding to 3 would break the bound
-    adversarial = (clean.float() + 2.55) / 255
-    out = quantize(adversarial, clean, eps)
+    out = quantize_linf((clean.float() + 2.55) / 255, clean, eps)
     assert (out.int() - clean.int()).abs().max() == 2
-    assert quantize(torch.ones(1, 3, 2, 2), clean, 1.0).max() == 255
+    assert quantize_linf(torch.ones(1, 3, 2, 2), clean, 1.0).max() == 255
 
 
-def run_method(method, demo, clean_uint8, seed=0):
-    clean = to_unit_pixels(clean_uint8)
-    with torch.no_grad():
-        clean_embedding = demo(clean)
-    return method(demo, clean, clean_embedding, torch.Generator().manual_seed(seed), cosine_distance), clean
+def test_quantize_l2_holds_the_radius_exactly_and_only_undoes_overshooting_roundings():
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(20, 236, (3, 3, 16, 16), generator=g, dtype=torch.int64).to(torch.uint8)
+    ball = Ball("l2", 2 / 255)
+    radius = ball.radius(clean.float())
+    direction = torch.randn(3, 3, 16, 16, generator=g)
+    adversarial = clean.float() / 255 + direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * radius  # on the sphere
+    nearest = torch.round(adversarial * 255).to(torch.int64) - clean.to(torch.int64)
+    assert torch.all(nearest.flatten(1).pow(2).sum(1) > (radius * 255) ** 2)  # nearest rounding breaks it here
+    out = quantize_l2(adversarial, clean, radius).to(torch.int64) - clean.to(torch.int64)
+    assert torch.all(out.flatten(1).pow(2).sum(1) <= (radius * 255) ** 2 + 1e-6)  # radius² = 3072 grey levels² here
+    changed = out != nearest
+    exact = adversarial.double() * 255 - clean.double()
+    assert torch.all(nearest[changed].abs() > exact[changed].abs())  # only roundings away from clean were undone
+    assert torch.all((out - nearest)[changed].abs() == 1)
+    inside = clean.float() / 255 + (adversarial - clean.float() / 255) * 0.5
+    torch.testing.assert_close(quantize_l2(inside, clean, radius), torch.round(inside * 255).to(torch.uint8), rtol=0, atol=0)
 
 
-def test_pgd_beats_noise_within_the_bound(demo, clean_uint8):
-    pgd, clean = run_method(PGD(eps=EPS, steps=5, step_size=1 / 255), demo, clean_uint8)
-    noise, _ = run_method(UniformNoise(eps=EPS), demo, clean_uint8)
-    assert (pgd.adversarial - clean).abs().max() <= EPS + 1e-6
-    assert pgd.adversarial.min() >= 0 and pgd.adversarial.max() <= 1
-    assert torch.all(pgd.objective > noise.objective)
-    assert demo.training is False
+# --- perturb_slide: the attack store --------------------------------------------------------------
 
 
-def test_more_steps_never_lower_the_best_objective(demo, clean_uint8):
-    short, _ = run_method(PGD(eps=EPS, steps=2, step_size=1 / 255), demo, clean_uint8)
-    long, _ = run_method(PGD(eps=EPS, steps=6, step_size=1 / 255), demo, clean_uint8)
-    assert torch.all(long.objective >= short.objective - 1e-7)
+class TinyEncoder(nn.Module):
+    """A seeded small CNN with the TileEncoder interface the attack stage uses."""
+
+    weights_id = "tiny:0"
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2), nn.GELU(), nn.Conv2d(8, 16, 3, stride=2), nn.GELU())
+
+    def forward(self, x):
+        features = self.net(x)
+        return torch.cat([features.mean(dim=(2, 3)), features.amax(dim=(2, 3))], dim=1)
+
+    def describe(self):
+        return {"encoder": "tiny", "weights_id": self.weights_id}
 
 
-def test_zero_gradient_is_an_error():
-    class Constant(nn.Module):
-        def forward(self, x):
-            return x.flatten(1)[:, :4] * 0 + 1.0
+class BrightnessSensitive(TinyEncoder):
+    """f(x) = 10·mean(x²): the gradient (20·x/n) grows with brightness, so bright tiles are the
+    most vulnerable to a small perturbation."""
 
-    clean = torch.rand(2, 3, 8, 8)
-    with pytest.raises(AttackError, match="all-zero input gradient for 2 tile"):
-        PGD(eps=EPS, steps=2, step_size=1 / 255)(Constant(), clean, torch.ones(2, 4), torch.Generator().manual_seed(0), cosine_distance)
+    def forward(self, x):
+        return 10 * (x * x).mean(dim=(1, 2, 3)).unsqueeze(1)
+
+
+def write_tiles(path, tiles):
+    with stores.atomic_store(path, kind=stores.TILES, attrs={"slide_id": "s1"}) as group:
+        stores.create_tiles_array(group, n_tiles=len(tiles), tile_px=tiles.shape[1])[...] = tiles
+        stores.write_array(group, "coords", np.zeros((len(tiles), 2), dtype=np.int64))
+    return path
+
+
+def write_features(path, features, *, weights_id):
+    with stores.atomic_store(path, kind=stores.FEATURES, attrs={"slide_id": "s1", "weights_id": weights_id}) as group:
+        stores.write_array(group, "features", features.astype(np.float32))
+    return path
 
 
 @pytest.fixture
-def tiles_store(tmp_path, clean_uint8):
-    path = tmp_path / "tiles.zarr"
-    tiles = np.concatenate([clean_uint8] * 4)  # 12 tiles
-    with stores.atomic_store(path, kind=stores.TILES, attrs={"slide_id": "s1"}) as group:
-        array = stores.create_tiles_array(group, n_tiles=len(tiles), tile_px=224)
-        array[...] = tiles
-        stores.write_array(group, "coords", np.zeros((len(tiles), 2), dtype=np.int64))
-    return path, tiles
+def slide(tmp_path):
+    """12 tiles of 32 px, brightness rising with a shuffled order, texture on top."""
+    rng = np.random.default_rng(0)
+    levels = rng.permutation(np.linspace(40, 200, 12))
+    tiles = np.clip(levels[:, None, None, None] + rng.normal(0, 12, (12, 32, 32, 3)), 0, 255).astype(np.uint8)
+    return write_tiles(tmp_path / "tiles.zarr", tiles), tiles, levels
 
 
 SPEC = {"name": "pgd", "method": "pgd", "objective": "cosine", "eps": EPS, "steps": 3, "step_size": 1 / 255, "budget": {"fraction": 0.25, "min_tiles": 1}, "selection": "random", "seed": 0}
+ARRAYS = ("index", "adv_tiles", "linf", "l2", "objective_before_rounding", "objective", "iterations", "best_step", "selection_score")
 
 
-def test_perturb_slide_writes_a_complete_deterministic_attack_store(tmp_path, tiles_store, demo):
-    path, tiles = tiles_store
-    outputs = []
-    for name in ("a.zarr", "b.zarr"):
-        k = perturb_slide(slide_id="s1", tiles_store=path, encoder=demo, spec=SPEC, out_store=tmp_path / name, device=torch.device("cpu"))
-        outputs.append(stores.open_store(tmp_path / name, kind=stores.ATTACK))
-    a, b = outputs
-    assert k == 3 and a["adv_tiles"].shape == (3, 224, 224, 3) and a["adv_tiles"].dtype == np.uint8
-    index = np.asarray(a["index"][...])
-    adv = np.asarray(a["adv_tiles"][...])
+def perturb(tmp_path, tiles_path, spec, name="a.zarr", encoder=None, **kwargs):
+    encoder = encoder or TinyEncoder().eval()
+    k = perturb_slide(slide_id="s1", tiles_store=tiles_path, encoder=encoder, spec=spec, out_store=tmp_path / name, device=CPU, **kwargs)
+    return k, stores.open_store(tmp_path / name, kind=stores.ATTACK)
+
+
+def digest(path):
+    return hashlib.sha256(np.asarray(stores.open_store(path, kind=stores.TILES)["tiles"][...]).tobytes()).hexdigest()
+
+
+def test_perturb_slide_writes_a_complete_deterministic_store_and_leaves_the_tiles_alone(tmp_path, slide):
+    path, tiles, _ = slide
+    before = digest(path)
+    k, a = perturb(tmp_path, path, SPEC, "a.zarr")
+    _, b = perturb(tmp_path, path, SPEC, "b.zarr")
+    assert digest(path) == before  # the tiles store is never written
+    assert k == 3 and a["adv_tiles"].shape == (3, 32, 32, 3) and a["adv_tiles"].dtype == np.uint8
+    index, adv = np.asarray(a["index"][...]), np.asarray(a["adv_tiles"][...])
     diff = adv.astype(int) - tiles[index].astype(int)
     assert np.abs(diff).max() == 4  # the full bound is used, never exceeded after rounding
     np.testing.assert_allclose(a["linf"][...], np.abs(diff).reshape(3, -1).max(1) / 255, rtol=1e-6)
+    np.testing.assert_allclose(a["l2"][...], np.linalg.norm(diff.reshape(3, -1) / 255, axis=1), rtol=1e-5)
     assert np.all(a["objective"][...] > 0) and np.all(a["objective_before_rounding"][...] > 0)
-    for name in ("index", "adv_tiles", "linf", "l2", "objective", "objective_before_rounding"):
+    np.testing.assert_array_equal(a["iterations"][...], [3, 3, 3])
+    assert np.all(np.isnan(a["selection_score"][...]))  # random selection has no score
+    for name in ARRAYS:
         np.testing.assert_array_equal(a[name][...], b[name][...])  # same seed, same bytes
-    assert a.attrs["attack"]["seed"] == 0 and a.attrs["label_free"] is True
+    assert dict(a.attrs) == {**dict(b.attrs)}  # no wall time or other run-dependent attrs
+    attrs = a.attrs
+    assert attrs["attack"]["seed"] == 0 and attrs["label_free"] is True and attrs["threat_model"] == "white-box"
+    assert attrs["bound"] == {"norm": "linf", "eps": EPS, "radius": EPS}
+    assert attrs["method_params"] == {"norm": "linf", "steps": 3, "step_size": 1 / 255, "restarts": 1}
+    assert attrs["selection_probe_tiles"] == 0
 
 
-def test_noise_control_uses_the_same_tiles_and_scores_lower(tmp_path, tiles_store, demo):
-    path, _ = tiles_store
-    noise_spec = {**SPEC, "name": "noise", "method": "noise"}
-    for name, spec in (("pgd.zarr", SPEC), ("noise.zarr", noise_spec)):
-        perturb_slide(slide_id="s1", tiles_store=path, encoder=demo, spec=spec, out_store=tmp_path / name, device=torch.device("cpu"))
-    pgd, noise = (stores.open_store(tmp_path / n, kind=stores.ATTACK) for n in ("pgd.zarr", "noise.zarr"))
+def test_l2_attack_store_respects_the_radius_after_rounding(tmp_path, slide):
+    path, tiles, _ = slide
+    spec = {**SPEC, "norm": "l2", "step_size": None}
+    _, store = perturb(tmp_path, path, spec)
+    radius = EPS * math.sqrt(32 * 32 * 3)
+    assert store.attrs["bound"]["radius"] == pytest.approx(radius)
+    assert store.attrs["method_params"]["step_size"] == pytest.approx(2.5 * EPS / 3)
+    diff = np.asarray(store["adv_tiles"][...]).astype(int) - tiles[np.asarray(store["index"][...])].astype(int)
+    assert np.all(np.linalg.norm(diff.reshape(len(diff), -1), axis=1) <= radius * 255 + 1e-9)
+    assert np.all(store["l2"][...] <= radius * (1 + 1e-6))
+
+
+def test_noise_control_uses_the_same_tiles_and_scores_lower(tmp_path, slide):
+    path, _, _ = slide
+    _, pgd = perturb(tmp_path, path, SPEC, "pgd.zarr")
+    _, noise = perturb(tmp_path, path, {**SPEC, "name": "noise", "method": "noise"}, "noise.zarr")
     np.testing.assert_array_equal(pgd["index"][...], noise["index"][...])
     assert np.all(pgd["objective"][...] > noise["objective"][...])
+    np.testing.assert_array_equal(noise["iterations"][...], 0)
+
+
+def test_vulnerability_selection_probes_every_tile_and_picks_the_most_sensitive(tmp_path, slide):
+    path, tiles, levels = slide
+    spec = {**SPEC, "objective": "l2", "selection": "vulnerability"}
+    encoder = BrightnessSensitive().eval()
+    k, store = perturb(tmp_path, path, spec, encoder=encoder)
+    np.testing.assert_array_equal(store["index"][...], np.sort(np.argsort(levels)[-k:]))  # the brightest
+    assert store.attrs["selection_probe_tiles"] == 12 and store.attrs["selection"]["probe_gradient_evaluations"] == 1
+    assert np.all(np.isfinite(store["selection_score"][...]))
+    with torch.no_grad():
+        features = encoder(torch.as_tensor(tiles).permute(0, 3, 1, 2).float() / 255).numpy()
+    features_path = write_features(tmp_path / "features.zarr", features, weights_id=encoder.weights_id)
+    _, with_features = perturb(tmp_path, path, spec, "b.zarr", encoder=encoder, features_store=features_path)
+    np.testing.assert_array_equal(with_features["index"][...], store["index"][...])
+
+
+def test_centrality_selection_needs_matching_clean_features(tmp_path, slide):
+    path, _, _ = slide
+    spec = {**SPEC, "selection": "centrality"}
+    features = np.tile([[10.0, 0.0]], (12, 1)) * np.where(np.arange(12) % 2, 1, -1)[:, None]
+    features[[3, 8, 10]] = 0.01  # nearest the mean (0, 0)
+    good = write_features(tmp_path / "f.zarr", features, weights_id=TinyEncoder.weights_id)
+    _, store = perturb(tmp_path, path, spec, features_store=good)
+    np.testing.assert_array_equal(store["index"][...], [3, 8, 10])
+    assert store.attrs["label_free"] is True
+    with pytest.raises(AttackError, match="selection 'centrality' needs the clean features store"):
+        perturb(tmp_path, path, spec, "b.zarr")
+    wrong = write_features(tmp_path / "w.zarr", features, weights_id="other")
+    with pytest.raises(StoreError, match="re-run extraction"):
+        perturb(tmp_path, path, spec, "c.zarr", features_store=wrong)
+    short = write_features(tmp_path / "s.zarr", features[:5], weights_id=TinyEncoder.weights_id)
+    with pytest.raises(StoreError, match="5 feature rows for 12 tiles"):
+        perturb(tmp_path, path, spec, "d.zarr", features_store=short)
+
+
+def test_attention_selection_is_gray_box(tmp_path, slide):
+    path, _, _ = slide
+    spec = {**SPEC, "selection": "attention"}
+    scores = np.linspace(0, 1, 12)[::-1].copy()
+    _, store = perturb(tmp_path, path, spec, attention_scores=scores)
+    np.testing.assert_array_equal(store["index"][...], [0, 1, 2])
+    assert store.attrs["label_free"] is False and store.attrs["threat_model"] == "gray-box"
+    with pytest.raises(AttackError, match="needs the MIL head's attention scores"):
+        perturb(tmp_path, path, spec, "b.zarr")
+    with pytest.raises(AttackError, match=r"expected \(12,\)"):
+        perturb(tmp_path, path, spec, "c.zarr", attention_scores=scores[:4])
+
+
+def test_demo_encoder_attack_then_reembed_replaces_only_the_selected_rows(tmp_path, slide):
+    path, _, _ = slide
+    demo = build_encoder("demo")
+    extract_slide(slide_id="s1", tiles_store=path, encoder=demo, batch_size=16, device=CPU, out_store=tmp_path / "clean.zarr")
+    spec = {**SPEC, "budget": {"fraction": 0.1, "min_tiles": 1}, "steps": 2}
+    k, store = perturb(tmp_path, path, spec, "attack.zarr", encoder=demo)
+    reembed_slide(slide_id="s1", attack_store=tmp_path / "attack.zarr", encoder=demo, batch_size=16, device=CPU, out_store=tmp_path / "re.zarr")
+    clean = np.asarray(stores.open_store(tmp_path / "clean.zarr", kind=stores.FEATURES)["features"][...])
+    re = stores.open_store(tmp_path / "re.zarr", kind=stores.REEMBEDDED)
+    bag = attacked_bag(clean, index=np.asarray(re["index"][...]), replacement=np.asarray(re["features"][...]))
+    untouched = np.setdiff1d(np.arange(12), store["index"][...])
+    np.testing.assert_array_equal(bag[untouched], clean[untouched])
+    shifted = 1 - np.sum(bag[store["index"][...]] * clean[store["index"][...]], axis=1) / (np.linalg.norm(bag[store["index"][...]], axis=1) * np.linalg.norm(clean[store["index"][...]], axis=1))
+    np.testing.assert_allclose(shifted, store["objective"][...], rtol=1e-3, atol=1e-6)  # re-embedding sees what the attack stored
+
+
+# --- method parameters and sweeps -----------------------------------------------------------------
+
+
+def test_normalise_fills_method_defaults_and_refuses_foreign_parameters():
+    entry = normalise_attack({"method": "pgd", "eps": 8 / 255, "steps": 20}, where="attacks.x")
+    assert entry["step_size"] == pytest.approx(2.5 * (8 / 255) / 20) and entry["norm"] == "linf" and entry["restarts"] == 1
+    assert normalise_attack({"method": "apgd", "eps": EPS}, where="a")["steps"] == 100
+    assert normalise_attack({"method": "cw", "eps": EPS}, where="a")["kappa"] is None
+    with pytest.raises(ConfigError, match=r"attacks.x.momentum: not a parameter of method 'pgd'"):
+        normalise_attack({"method": "pgd", "eps": EPS, "momentum": 0.9}, where="attacks.x")
+    with pytest.raises(ConfigError, match=r"attacks.x.steps: 0 must be an integer >= 1"):
+        normalise_attack({"method": "pgd", "eps": EPS, "steps": 0}, where="attacks.x")
+    with pytest.raises(ConfigError, match=r"attacks.x.method: unknown method 'pgdd'"):
+        normalise_attack({"method": "pgdd", "eps": EPS}, where="attacks.x")
+
+
+def test_sweep_expands_the_grid_into_readable_deterministic_names():
+    sweep = {"methods": ["pgd", "noise"], "eps": ["1/255", 4 / 255, "7.5/255"], "fractions": [0.001, 0.01], "selections": ["random", "vulnerability"], "base": {"objective": "cosine", "seed": 3, "steps": 20, "budget": {"min_tiles": 2}}}
+    entries = expand_sweep(sweep)
+    assert len(entries) == 2 * 3 * 2 * 2
+    assert list(entries)[:3] == ["pgd_eps1_f0.001_random", "pgd_eps1_f0.001_vulnerability", "pgd_eps1_f0.01_random"]
+    assert "noise_eps7.5_f0.01_vulnerability" in entries
+    pgd = entries["pgd_eps4_f0.01_random"]
+    assert pgd["eps"] == pytest.approx(4 / 255) and pgd["steps"] == 20 and pgd["seed"] == 3
+    assert pgd["budget"] == {"min_tiles": 2, "fraction": 0.01} and pgd["selection"] == "random"
+    assert "steps" not in entries["noise_eps4_f0.01_random"]  # base method parameters go where they apply
+    assert expand_sweep(sweep) == entries
+
+
+def test_sweep_params_override_per_method_and_bad_sweeps_name_the_key():
+    entries = expand_sweep({"methods": ["apgd", "cw"], "eps": ["8/255"], "base": {"steps": 50}, "params": {"cw": {"steps": 10, "kappa": 0.3}}, "prefix": "s1_"})
+    assert entries["s1_apgd_eps8_f0.001_random"]["steps"] == 50
+    assert entries["s1_cw_eps8_f0.001_random"]["steps"] == 10 and entries["s1_cw_eps8_f0.001_random"]["kappa"] == 0.3
+    bad = [
+        ({"methods": ["pgd"]}, r"sweep.eps: required"),
+        ({"methods": ["pgd"], "eps": ["4/255", 4 / 255]}, r"sweep.eps: 0.0156.* gives the same name 'pgd_eps4_f0.001_random'"),
+        ({"methods": ["pgdd"], "eps": [0.01]}, r"sweep.methods\[0\]: unknown 'pgdd'"),
+        ({"methods": ["pgd"], "eps": [0.01], "selections": ["attn"]}, r"sweep.selections\[0\]: unknown 'attn'"),
+        ({"methods": ["pgd"], "eps": [0.01], "fractions": [0]}, r"sweep.fractions\[0\]: 0 must be a number in \(0, 1\]"),
+        ({"methods": ["pgd"], "eps": [0.01], "params": {"cw": {}}}, r"sweep.params.cw: not one of sweep.methods"),
+        ({"methods": ["pgd"], "eps": [0.01], "base": {"eps": 0.1}}, r"sweep.base.eps: set by the grid"),
+        ({"methods": ["pgd"], "eps": [0.01], "params": {"pgd": {"kappa": 1.0}}}, r"kappa: not a parameter of method 'pgd'"),
+        ({"methods": ["pgd"], "eps": [0.01], "grid": {}}, r"sweep.grid: unknown key"),
+        ({"methods": ["pgd"], "eps": ["4/0"]}, r"sweep.eps\[0\]: division by zero"),
+    ]
+    for sweep, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            expand_sweep(sweep)

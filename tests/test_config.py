@@ -70,3 +70,32 @@ def test_attack_specs_are_independent(shipped):
     assert wsiconfig.attack_spec(before, "pgd_eps4") != wsiconfig.attack_spec(after, "pgd_eps4")
     assert wsiconfig.attack_spec(before, "noise_eps4") == wsiconfig.attack_spec(after, "noise_eps4")
     assert wsiconfig.spec_json({"b": 1, "a": [1, 2]}) == '{"a":[1,2],"b":1}'
+
+
+def test_gated_encoder_without_token_or_checkpoint_fails_before_any_job(shipped, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", "/nonexistent-cache")
+    config = copy.deepcopy(shipped)
+    config["encoders"] = ["demo", "uni"]
+    with pytest.raises(ConfigError, match=r"config: encoders: .*uni.*HF_TOKEN"):
+        wsiconfig.validate_config(config)
+    config["encoder_weights"] = {"uni": "/nonexistent/uni.safetensors"}
+    with pytest.raises(ConfigError, match=r"checkpoint /nonexistent/uni\.safetensors does not exist"):
+        wsiconfig.validate_config(config)
+
+
+def test_encoder_specs_carry_checkpoint_and_custom_entries(shipped, tmp_path, monkeypatch):
+    (tmp_path / "my_encoders.py").write_text("def build():\n    raise NotImplementedError\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checkpoint = tmp_path / "uni.safetensors"
+    checkpoint.write_bytes(b"")
+    config = copy.deepcopy(shipped)
+    config["encoders"] = ["uni", "mine"]
+    config["encoder_weights"] = {"uni": str(checkpoint)}
+    config["custom_encoders"] = {"mine": {"factory": "my_encoders:build", "input_px": 224, "embed_dim": 64, "readout": "output"}}
+    checked = wsiconfig.validate_config(config)
+    assert wsiconfig.encoder_spec(checked, "uni") == {"name": "uni", "checkpoint": str(checkpoint), "custom": None}
+    assert wsiconfig.encoder_spec(checked, "mine")["custom"]["factory"] == "my_encoders:build"
+    config["encoder_weights"] = {"uni": str(checkpoint), "virchow2": str(checkpoint)}
+    with pytest.raises(ConfigError, match=r"encoder_weights: 'virchow2' is not listed under encoders"):
+        wsiconfig.validate_config(config)

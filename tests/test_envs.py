@@ -44,6 +44,22 @@ def rule_envs_and_scripts() -> list[tuple[str, Path, Path]]:
     return found
 
 
+def module_level_imports(tree: ast.Module):
+    """Imports that must succeed: module level, outside ``if TYPE_CHECKING`` and outside
+    ``try/except ImportError``. Imports inside functions are optional loaders (transformers,
+    trident, ...) that fail with an install hint."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+            todo.extend(node.body + node.orelse)
+        elif isinstance(node, ast.Try):  # try: import x / except ImportError: x is optional
+            optional = any("ImportError" in ast.unparse(h.type or ast.Name("")) for h in node.handlers)
+            todo.extend(([] if optional else node.body) + node.orelse + node.finalbody)
+
+
 def third_party_imports(script: Path) -> set[str]:
     """Top-level modules imported by a script and, transitively, by the library modules it uses."""
     seen, todo, external = set(), [script], set()
@@ -52,7 +68,7 @@ def third_party_imports(script: Path) -> set[str]:
         if path in seen:
             continue
         seen.add(path)
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in module_level_imports(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
             for name in names:
                 top = name.split(".")[0]

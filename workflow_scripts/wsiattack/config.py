@@ -64,12 +64,29 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if errors:
         error = errors[0]
         raise ConfigError(f"config: {_where(error)}: {_short_message(error)}")
-    for name, entry in checked["attacks"].items():
-        for key in ("eps", "step_size"):
-            if key in entry:
-                entry[key] = parse_pixel_fraction(entry[key], where=f"attacks.{name}.{key}")
-    _check_encoders(checked["encoders"])
+    _normalise_attacks(checked)
+    _check_encoders(checked)
     return checked
+
+
+def _normalise_attacks(config: dict[str, Any]) -> None:
+    """Parse fractions, fill each method's defaults, and add the sweep's entries (torch-free)."""
+    from wsiattack.attacks.params import normalise_attack
+    from wsiattack.attacks.sweep import expand_sweep
+
+    attacks = {}
+    for name, entry in config["attacks"].items():
+        for key in ("eps", "step_size"):
+            if entry.get(key) is not None:
+                entry[key] = parse_pixel_fraction(entry[key], where=f"attacks.{name}.{key}")
+        attacks[name] = normalise_attack(entry, where=f"attacks.{name}")
+    for name, entry in expand_sweep(config["sweep"]).items() if "sweep" in config else ():
+        if name in attacks:
+            raise ConfigError(f"config: sweep: entry {name!r} has the name of an attack under attacks; rename one")
+        attacks[name] = entry
+    if not attacks:
+        raise ConfigError("config: attacks: no attack defined (add an entry under attacks or a sweep)")
+    config["attacks"] = attacks
 
 
 def _short_message(error: jsonschema.ValidationError) -> str:
@@ -80,12 +97,28 @@ def _short_message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-def _check_encoders(names: list[str]) -> None:
-    from wsiattack.encoders.registry import ENCODERS  # torch-free
+def _check_encoders(config: dict[str, Any]) -> None:
+    """Every listed encoder is known, and its weights can be had (checked before any job runs)."""
+    from wsiattack.encoders import registry  # torch-free
+    from wsiattack.errors import EncoderError
 
-    unknown = [n for n in names if n not in ENCODERS]
-    if unknown:
-        raise ConfigError(f"config: encoders: unknown encoder {unknown[0]!r} (known: {', '.join(ENCODERS)})")
+    custom = config["custom_encoders"]
+    for name in config["encoders"]:
+        if name not in registry.ENCODERS and name not in custom:
+            known = ", ".join([*registry.ENCODERS, *custom])
+            raise ConfigError(f"config: encoders: unknown encoder {name!r} (known: {known}; or define it under custom_encoders)")
+        try:
+            registry.preflight(name, **{k: v for k, v in encoder_spec(config, name).items() if k != "name"})
+        except EncoderError as error:
+            raise ConfigError(f"config: encoders: {error}") from None
+    for name in config["encoder_weights"]:
+        if name not in config["encoders"]:
+            raise ConfigError(f"config: encoder_weights: {name!r} is not listed under encoders")
+
+
+def encoder_spec(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """What builds encoder ``name``: ``build_encoder(**spec)``. Part of the extract/perturb/reembed specs."""
+    return {"name": name, "checkpoint": config["encoder_weights"].get(name), "custom": config["custom_encoders"].get(name)}
 
 
 def parse_pixel_fraction(value: float | str, *, where: str) -> float:

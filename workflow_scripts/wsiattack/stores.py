@@ -40,6 +40,9 @@ REEMBEDDED = "reembedded"
 # large enough to keep the number of files per store modest.
 TILES_PER_CHUNK = 16
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+# Our chunks are never all fill value; zarr's per-chunk emptiness check costs as much as
+# compressing (measured by tests/benchmarks/bench_tiling.py), so it is switched off.
+_ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 def _json_safe(value: Any) -> Any:
@@ -90,6 +93,14 @@ def open_store(path: Path | str, *, kind: str) -> zarr.Group:
     return group
 
 
+def open_tiles(path: Path | str, *, expected: Mapping[str, Any]) -> zarr.Group:
+    """Open a tiles store, refusing one whose tiling spec differs from ``expected``
+    (``tiling.expected_tiles_attrs``): its tiles would not be the ones the config describes."""
+    group = open_store(path, kind=TILES)
+    require_attrs(group, path=path, expected=expected)
+    return group
+
+
 def require_attrs(group: zarr.Group, *, path: Path | str, expected: Mapping[str, Any]) -> None:
     """Refuse a store whose recorded spec differs from the one the current job expects."""
     expected = _json_safe(dict(expected))
@@ -109,6 +120,7 @@ def create_tiles_array(group: zarr.Group, *, n_tiles: int, tile_px: int) -> zarr
         chunks=(TILES_PER_CHUNK, tile_px, tile_px, 3),
         dtype="uint8",
         compressors=_COMPRESSOR,
+        config=_ARRAY_CONFIG,
     )
 
 
@@ -117,7 +129,7 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray, *, chunk_rows: i
     data = np.ascontiguousarray(data)
     chunks = None if chunk_rows is None else (chunk_rows, *data.shape[1:])
     array = group.create_array(
-        name, shape=data.shape, dtype=data.dtype, chunks=chunks or "auto", compressors=_COMPRESSOR
+        name, shape=data.shape, dtype=data.dtype, chunks=chunks or "auto", compressors=_COMPRESSOR, config=_ARRAY_CONFIG
     )
     if data.size:
         array[...] = data
@@ -131,6 +143,7 @@ def write_tile_batch(group: zarr.Group, name: str, data: np.ndarray) -> None:
         chunks=(max(1, min(TILES_PER_CHUNK, len(data))), *data.shape[1:]),
         dtype="uint8",
         compressors=_COMPRESSOR,
+        config=_ARRAY_CONFIG,
     )
     if len(data):
         array[...] = data

@@ -24,17 +24,24 @@ def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
-    rgb = rgb.astype(np.float32)
+    """HSV saturation (max - min) / max of a uint8 RGB image, as float32 in [0, 1]."""
     high = rgb.max(axis=-1)
-    low = rgb.min(axis=-1)
-    return np.where(high > 0, (high - low) / np.maximum(high, 1), 0.0)
+    sat = (high - rgb.min(axis=-1)).astype(np.float32)  # uint8 first: no float copy of the image
+    sat /= np.maximum(high, 1)
+    return sat
 
 
-def detect_tissue(rgb: np.ndarray, *, min_object_px: int) -> np.ndarray:
+def detect_tissue(rgb: np.ndarray, *, min_object_px: int, max_hole_px: int) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail.
 
-    Otsu on saturation, then closing (joins stroma fibres), hole filling (lumina and fat inside
-    tissue count as tissue) and removal of objects smaller than ``min_object_px`` (dust, debris).
+    Otsu on saturation, then closing (joins stroma fibres), opening (drops isolated pixels),
+    filling of holes smaller than ``max_hole_px`` and removal of objects smaller than
+    ``min_object_px`` (dust, debris).
+
+    Hole policy: a small hole (a capillary, a few fat cells, a crack) is part of the tissue
+    texture, so the tiles straddling it keep their true tissue fraction; a large hole (a lumen,
+    a fat lobule, a tear) shows glass, and a tile lying in it carries no tissue information, so it
+    stays background and its tiles fail ``min_fraction``.
     """
     sat = saturation(rgb)
     threshold = max(otsu_threshold(sat), MIN_SATURATION)
@@ -42,14 +49,28 @@ def detect_tissue(rgb: np.ndarray, *, min_object_px: int) -> np.ndarray:
     structure = ndimage.generate_binary_structure(2, 1)
     mask = ndimage.binary_closing(mask, structure=structure, iterations=2, border_value=0)
     mask = ndimage.binary_opening(mask, structure=structure, iterations=1)
-    mask = ndimage.binary_fill_holes(mask)
+    mask = fill_small_holes(mask, max_hole_px=max_hole_px)
+    return remove_small_objects(mask, min_object_px=min_object_px)
+
+
+def fill_small_holes(mask: np.ndarray, *, max_hole_px: int) -> np.ndarray:
+    """Fill the background regions enclosed by ``mask`` that have fewer than ``max_hole_px`` pixels."""
+    holes, n_holes = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    if not n_holes:
+        return mask
+    small = np.bincount(holes.ravel()) < max_hole_px
+    small[0] = False
+    return mask | small[holes]
+
+
+def remove_small_objects(mask: np.ndarray, *, min_object_px: int) -> np.ndarray:
+    """Drop the connected components of ``mask`` that have fewer than ``min_object_px`` pixels."""
     labels, n_objects = ndimage.label(mask)
-    if n_objects:
-        sizes = np.bincount(labels.ravel())
-        keep = sizes >= max(1, min_object_px)
-        keep[0] = False
-        mask = keep[labels]
-    return mask
+    if not n_objects:
+        return mask
+    keep = np.bincount(labels.ravel()) >= max(1, min_object_px)
+    keep[0] = False
+    return keep[labels]
 
 
 def tissue_fraction_per_box(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:

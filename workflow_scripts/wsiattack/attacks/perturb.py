@@ -1,4 +1,15 @@
-"""Perturb one slide: choose the tiles, attack them, store the uint8 adversarial tiles."""
+"""Perturb one slide: choose the tiles, attack them, store the uint8 adversarial tiles.
+
+The attack store holds, per perturbed tile: ``index``, ``adv_tiles``, achieved ``linf`` and
+``l2`` (of the stored uint8 tile), ``objective_before_rounding``, ``objective`` (after
+rounding), ``iterations`` (gradient evaluations), ``best_step`` and ``selection_score``; attrs
+record the spec, the method parameters actually used, the bound, the selection and its probe
+cost in tiles, and the threat model.
+
+Wall time is logged (per batch and per tile), not stored: the store is a pure function of the
+config, the encoder and the tiles ("same config, same bytes"), so a re-run can be compared
+byte for byte; Snakemake's benchmark file already records each job's wall time.
+"""
 
 from __future__ import annotations
 
@@ -12,55 +23,155 @@ import numpy as np
 import torch
 
 from wsiattack import stores
-from wsiattack.attacks.budget import select_tiles, slide_rng, tiles_to_attack
-from wsiattack.attacks.methods import build_method, quantize
+from wsiattack.attacks import selection as sel
+from wsiattack.attacks.budget import slide_rng, tiles_to_attack
+from wsiattack.attacks.methods import Method, build_method
+from wsiattack.attacks.objectives import Objective
+from wsiattack.attacks.params import method_params
 from wsiattack.encoders.model import TileEncoder, channels_first, to_unit_pixels
+from wsiattack.errors import AttackError, StoreError
 
 log = logging.getLogger(__name__)
 
 ATTACK_BATCH = 16  # tiles attacked together; k is small, so this bounds memory, not speed
+PROBE_STREAM = 1  # random stream of the vulnerability probe (stream 0 picks tiles and starts)
 
 
-def perturb_slide(*, slide_id: str, tiles_store: str | Path, encoder: TileEncoder, spec: Mapping[str, Any], out_store: str | Path, device: torch.device) -> int:
-    """Attack ``k`` tiles of one slide with ``spec`` (a normalised attack entry); return k."""
+def perturb_slide(
+    *,
+    slide_id: str,
+    tiles_store: str | Path,
+    encoder: TileEncoder,
+    spec: Mapping[str, Any],
+    out_store: str | Path,
+    device: torch.device,
+    features_store: str | Path | None = None,
+    attention_scores: np.ndarray | None = None,
+) -> int:
+    """Attack ``k`` tiles of one slide with ``spec`` (a normalised attack entry); return k.
+
+    ``features_store`` (clean features of this slide and encoder) is required by the
+    ``centrality`` selection and spares ``vulnerability`` a forward pass per tile;
+    ``attention_scores`` (N,) from a trained MIL head is required by ``attention``.
+    """
+    spec = dict(spec)
     tiles = stores.open_store(tiles_store, kind=stores.TILES)["tiles"]
     n_tiles = tiles.shape[0]
-    rng = slide_rng(spec["seed"], slide_id)
+    method, objective = build_method(spec)
     k = tiles_to_attack(n_tiles, **spec["budget"])
-    index = select_tiles(n_tiles, k, strategy=spec["selection"], rng=rng)
-    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    method, objective = build_method(dict(spec))
+    if k == 0:  # a slide left empty by tiling.skip_empty: nothing to attack, say so in the store
+        attrs = {"slide_id": slide_id, "attack": spec, "n_tiles": 0, "k": 0, "skipped": "no tissue"}
+        with stores.atomic_store(out_store, kind=stores.ATTACK, attrs=attrs) as group:
+            stores.write_array(group, "index", np.empty(0, dtype=np.int64))
+            stores.write_tile_batch(group, "adv_tiles", np.empty((0, *tiles.shape[1:]), dtype=np.uint8))
+        return 0
     encoder = encoder.to(device).eval()
+    rng = slide_rng(spec["seed"], slide_id)
+    context = _SelectionContext(slide_id=slide_id, tiles=tiles, encoder=encoder, method=method, objective=objective, device=device, features_store=features_store, attention_scores=attention_scores, seed=spec["seed"])
+    chosen = _select(spec["selection"], k=k, rng=rng, context=context)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
 
     started = time.perf_counter()
-    clean_uint8 = np.asarray(tiles.get_orthogonal_selection((index,)))  # one read of k tiles
-    results = [_attack_batch(encoder, clean_uint8[s : s + ATTACK_BATCH], method, objective, generator, spec["eps"], device) for s in range(0, k, ATTACK_BATCH)]
-    merged = {key: np.concatenate([r[key] for r in results]) for key in results[0]}
-    log.info("%s: attacked %d/%d tiles with %s in %.1f s; mean objective %.4f (after rounding)", slide_id, k, n_tiles, spec["name"], time.perf_counter() - started, merged["objective"].mean())
+    clean_uint8 = np.asarray(tiles.get_orthogonal_selection((chosen.index,)))  # one read of k tiles
+    batches = [_attack_batch(encoder, clean_uint8[s : s + ATTACK_BATCH], method=method, objective=objective, generator=generator, device=device, label=f"{slide_id}[{s}:{s + ATTACK_BATCH}]") for s in range(0, k, ATTACK_BATCH)]
+    merged = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+    seconds = time.perf_counter() - started
+    log.info("%s: attacked %d/%d tiles with %s in %.1f s (%.2f s/tile); mean objective %.4f before, %.4f after rounding", slide_id, k, n_tiles, spec.get("name", spec["method"]), seconds, seconds / k, merged["objective_before_rounding"].mean(), merged["objective"].mean())
 
-    attrs = {"slide_id": slide_id, "attack": dict(spec), "encoder": encoder.describe(), "n_tiles": n_tiles, "k": k, "label_free": True, "threat_model": "white-box"}
+    attrs = _attrs(slide_id=slide_id, spec=spec, encoder=encoder, method=method, objective=objective, n_tiles=n_tiles, chosen=chosen, clean=clean_uint8)
     with stores.atomic_store(out_store, kind=stores.ATTACK, attrs=attrs) as group:
-        stores.write_array(group, "index", index)
+        stores.write_array(group, "index", chosen.index)
         stores.write_tile_batch(group, "adv_tiles", merged.pop("adv_tiles"))
+        stores.write_array(group, "selection_score", chosen.scores)
         for name, values in merged.items():
             stores.write_array(group, name, values)
     return k
 
 
-def _attack_batch(encoder, clean_uint8: np.ndarray, method, objective, generator, eps: float, device) -> dict[str, np.ndarray]:
+class _SelectionContext:
+    """Everything a selection strategy may need, gathered once per slide."""
+
+    def __init__(self, *, slide_id: str, tiles, encoder: TileEncoder, method: Method, objective: Objective, device: torch.device, features_store: str | Path | None, attention_scores: np.ndarray | None, seed: int):
+        self.slide_id, self.tiles, self.encoder, self.method, self.objective = slide_id, tiles, encoder, method, objective
+        self.device, self.features_store, self.attention_scores, self.seed = device, features_store, attention_scores, seed
+
+    def features(self, *, required_by: str | None) -> np.ndarray | None:
+        """The slide's clean features, checked against the tiles and the encoder."""
+        if self.features_store is None:
+            if required_by:
+                raise AttackError(f"{self.slide_id}: selection {required_by!r} needs the clean features store of this slide: pass features_store")
+            return None
+        group = stores.open_store(self.features_store, kind=stores.FEATURES)
+        if group.attrs.get("weights_id") != self.encoder.weights_id:
+            raise StoreError(f"{self.features_store}: features of weights {group.attrs.get('weights_id')!r}, but the attacked encoder is {self.encoder.weights_id!r}; re-run extraction")
+        features = np.asarray(group["features"][...])
+        if len(features) != self.tiles.shape[0]:
+            raise StoreError(f"{self.features_store}: {len(features)} feature rows for {self.tiles.shape[0]} tiles of {self.slide_id}; re-run extraction")
+        return features
+
+
+def _select(strategy: str, *, k: int, rng: np.random.Generator, context: _SelectionContext) -> sel.Selection:
+    if strategy == "random":
+        return sel.random_selection(context.tiles.shape[0], k=k, rng=rng)
+    if strategy == "centrality":
+        return sel.top_k_selection(sel.centrality_scores(context.features(required_by="centrality")), k=k, what=f"{context.slide_id}: centrality")
+    if strategy == "attention":
+        return _attention_selection(context, k=k)
+    if strategy == "vulnerability":
+        return _vulnerability_selection(context, k=k)
+    raise AttackError(f"unknown selection {strategy!r}: use one of {', '.join(sel.SELECTIONS)}")
+
+
+def _attention_selection(context: _SelectionContext, *, k: int) -> sel.Selection:
+    scores = context.attention_scores
+    if scores is None:
+        raise AttackError(f"{context.slide_id}: selection 'attention' needs the MIL head's attention scores of this slide: pass attention_scores")
+    if np.shape(scores) != (context.tiles.shape[0],):
+        raise AttackError(f"{context.slide_id}: attention_scores has shape {np.shape(scores)}, expected ({context.tiles.shape[0]},), one per tile")
+    return sel.top_k_selection(scores, k=k, what=f"{context.slide_id}: attention")
+
+
+def _vulnerability_selection(context: _SelectionContext, *, k: int) -> sel.Selection:
+    probe = sel.Probe(encoder=context.encoder, ball=context.method.ball, objective=context.objective.fn, device=context.device)
+    generator = torch.Generator().manual_seed(int(slide_rng(context.seed, context.slide_id, stream=PROBE_STREAM).integers(2**62)))
+    scores, evaluations = sel.vulnerability_scores(context.tiles, probe=probe, reference=context.features(required_by=None), generator=generator, label=context.slide_id)
+    chosen = sel.top_k_selection(scores, k=k, what=f"{context.slide_id}: vulnerability")
+    chosen.probe_tiles, chosen.probe_evaluations = len(scores), evaluations
+    return chosen
+
+
+def _attack_batch(encoder: TileEncoder, clean_uint8: np.ndarray, *, method: Method, objective: Objective, generator: torch.Generator, device: torch.device, label: str) -> dict[str, np.ndarray]:
+    started = time.perf_counter()
     clean = to_unit_pixels(clean_uint8).to(device)
     with torch.no_grad():
-        clean_embedding = encoder(clean)
-    outcome = method(encoder, clean, clean_embedding, generator, objective)
+        reference = encoder(clean).float()
+    outcome = method(encoder=encoder, clean=clean, reference=reference, generator=generator, objective=objective.fn)
     clean_levels = channels_first(clean_uint8).to(device)
-    adv_uint8 = quantize(outcome.adversarial, clean_levels, eps)
+    adv_uint8 = method.ball.quantize(outcome.adversarial, clean_levels)
     with torch.no_grad():
-        after_rounding = objective(encoder(adv_uint8.float() / 255), clean_embedding)
+        after_rounding = objective.fn(encoder(adv_uint8.float() / 255).float(), reference)
     delta = (adv_uint8.float() - clean_levels.float()).flatten(1) / 255  # exact grey-level steps
+    log.info("%s: %d tiles in %.2f s (%.2f s/tile, %d gradient evaluations each)", label, len(clean), time.perf_counter() - started, (time.perf_counter() - started) / len(clean), int(outcome.iterations[0]))
     return {
         "adv_tiles": adv_uint8.permute(0, 2, 3, 1).cpu().numpy(),
         "linf": delta.abs().amax(dim=1).cpu().numpy().astype(np.float32),
         "l2": delta.norm(dim=1).cpu().numpy().astype(np.float32),
         "objective_before_rounding": outcome.objective.cpu().numpy().astype(np.float32),
         "objective": after_rounding.cpu().numpy().astype(np.float32),
+        "iterations": outcome.iterations.cpu().numpy().astype(np.int32),
+        "best_step": outcome.best_step.cpu().numpy().astype(np.int32),
+    }
+
+
+def _attrs(*, slide_id: str, spec: dict[str, Any], encoder: TileEncoder, method: Method, objective: Objective, n_tiles: int, chosen: sel.Selection, clean: np.ndarray) -> dict[str, Any]:
+    gray_box = spec["selection"] in sel.GRAY_BOX
+    radius = method.ball.radius_for(int(np.prod(clean.shape[1:])))
+    return {
+        "slide_id": slide_id, "attack": spec, "encoder": encoder.describe(), "n_tiles": n_tiles, "k": len(chosen.index),
+        "method_params": method_params(spec, where=f"attacks.{spec.get('name', '?')}", strict=False),
+        "bound": {"norm": method.ball.norm, "eps": method.ball.eps, "radius": radius},
+        "selection": {"strategy": spec["selection"], "probe_tiles": chosen.probe_tiles, "probe_gradient_evaluations": chosen.probe_evaluations},
+        "selection_probe_tiles": chosen.probe_tiles,
+        "label_free": objective.label_free and not gray_box,
+        "threat_model": "gray-box" if gray_box or not objective.label_free else "white-box",
     }

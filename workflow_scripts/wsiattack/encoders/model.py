@@ -2,85 +2,244 @@
 
 The wrapper owns resizing and normalisation, so the attack stage differentiates through exactly
 the function that extraction uses, and attacks live in [0, 1] pixel space where clipping and
-the uint8 rounding of the stored result are well defined.
+the uint8 rounding of the stored result are well defined. Parameters are float32 (gradients are
+taken in float32); extraction autocasts to the spec's safe dtype on CUDA only.
+
+Weights, in order of precedence: a local checkpoint, the seeded demo weights or a custom
+factory's own, the Hugging Face Hub (see ``wsiattack.encoders.weights``).
 """
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from itertools import chain
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import SwiGLUPacked
 from torch import nn
 
 from wsiattack import runtime
+from wsiattack.encoders import registry, weights
+from wsiattack.encoders.registry import EncoderSpec, get_spec  # noqa: F401  (re-exported)
+from wsiattack.encoders.weights import state_dict_sha256
 from wsiattack.errors import EncoderError
-from wsiattack.encoders.registry import EncoderSpec, get_spec
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 15.0
 
 
 class TileEncoder(nn.Module):
     """``forward(pixels)``: float (B, 3, H, W) in [0, 1] -> float (B, D) embedding."""
 
-    def __init__(self, spec: EncoderSpec, backbone: nn.Module, *, weights_id: str):
+    def __init__(self, spec: EncoderSpec, backbone: nn.Module, *, weights_id: str, weights_source: str = "seeded"):
         super().__init__()
         self.spec = spec
         self.weights_id = weights_id
+        self.weights_source = weights_source
         self.backbone = backbone
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        if pixels.shape[-2:] != (self.spec.input_px, self.spec.input_px):
-            pixels = F.interpolate(pixels, size=(self.spec.input_px,) * 2, mode="bilinear", align_corners=False, antialias=True)
-        tokens = self.backbone.forward_features((pixels - self.mean) / self.std)
-        return readout(self.backbone, tokens, self.spec.readout)
+        pixels = resize_to_input(pixels, self.spec)
+        return readout(self.backbone, (pixels - self.mean) / self.std, self.spec.readout)
 
     def describe(self) -> dict[str, object]:
-        """Identity recorded in every features store."""
+        """Identity recorded in every features store (never holds a token)."""
         s = self.spec
         return {
-            "encoder": s.name, "architecture": s.timm_name, "weights_id": self.weights_id,
-            "input_px": s.input_px, "mean": list(s.mean), "std": list(s.std), "readout": s.readout,
+            "encoder": s.name, "architecture": s.architecture, "loader": s.loader,
+            "weights_id": self.weights_id, "weights_source": self.weights_source,
+            "build_kwargs": dict(s.build_kwargs), "input_px": s.input_px, "resize_px": s.resize_px, "interpolation": s.interpolation,
+            "mean": list(s.mean), "std": list(s.std), "readout": s.readout,
             "embed_dim": s.embed_dim, "precision": s.precision,
         }
 
 
-def readout(backbone: nn.Module, tokens: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "pooled":
+def resize_to_input(pixels: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
+    """Resize to ``resize_px`` (or ``input_px``) and centre-crop ``input_px``, like the model's transform."""
+    size = spec.resize_px or spec.input_px
+    if pixels.shape[-2:] != (size, size):
+        pixels = F.interpolate(pixels, size=(size, size), mode=spec.interpolation, align_corners=False, antialias=True)
+    if size != spec.input_px:
+        top = int(round((size - spec.input_px) / 2))
+        pixels = pixels[..., top : top + spec.input_px, top : top + spec.input_px]
+    return pixels
+
+
+def readout(backbone: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
+    """The embedding of normalised input ``x``: CLS, CLS ++ mean of patch tokens, pooled, or output."""
+    if kind == "output":  # forward() already returns (B, D)
+        return backbone(x)
+    tokens = backbone.forward_features(x)
+    if kind == "pooled":  # the model's own pooling (global average for CNNs)
         return backbone.forward_head(tokens, pre_logits=True)
     cls = tokens[:, 0]
     if kind == "cls":
         return cls
-    n_prefix = getattr(backbone, "num_prefix_tokens", 1)  # CLS + register tokens
+    n_prefix = getattr(backbone, "num_prefix_tokens", 1)  # CLS + register tokens are not patches
     return torch.cat([cls, tokens[:, n_prefix:].mean(dim=1)], dim=-1)  # "cls+mean" (Virchow2)
 
 
-def build_encoder(name: str) -> TileEncoder:
-    """Build a registry encoder on the CPU in eval mode with frozen parameters."""
-    spec = get_spec(name)
-    if spec.weights != "seeded":
-        raise EncoderError(f"encoder {name!r}: loading {spec.weights} weights is not supported yet")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        backbone = timm.create_model(spec.timm_name, pretrained=False, **spec.timm_kwargs)
-    encoder = TileEncoder(spec, backbone, weights_id=f"seeded:{spec.seed}:sha256:{state_dict_sha256(backbone)[:16]}")
+class HFTokens(nn.Module):
+    """A transformers vision model seen as a token backbone (``forward_features`` -> (B, T, D))."""
+
+    num_prefix_tokens = 1
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf_model = hf_model
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(pixel_values=x).last_hidden_state
+
+
+# --- architectures -------------------------------------------------------------------------------
+
+_TIMM_LAYERS = {"swiglu_packed": SwiGLUPacked}
+
+
+def build_architecture(spec: EncoderSpec, *, device: torch.device | str = "cpu") -> nn.Module:
+    """The spec's network with fresh weights on ``device`` (``"meta"``: shapes only, no memory)."""
+    problem = registry.missing_requirement(spec)
+    if problem:
+        raise EncoderError(problem)
+    with torch.device(device):
+        return _BUILDERS[spec.loader](spec)
+
+
+def _timm_architecture(spec: EncoderSpec) -> nn.Module:
+    kwargs = {k: _TIMM_LAYERS.get(v, v) if k == "mlp_layer" else v for k, v in spec.build_kwargs.items()}
+    model = timm.create_model(spec.architecture, pretrained=False, **kwargs)
+    for name in spec.drop_modules:  # e.g. ResNet50 truncated after layer 3
+        setattr(model, name, nn.Identity())
+    return model
+
+
+def _transformers_architecture(spec: EncoderSpec) -> nn.Module:
+    import transformers
+
+    model_class = getattr(transformers, spec.architecture)
+    return HFTokens(model_class(model_class.config_class(**spec.build_kwargs)))
+
+
+def _trident_architecture(spec: EncoderSpec) -> nn.Module:
+    from trident.patch_encoder_models.model_zoo.conchv1_5.conchv1_5 import CONCHVisionTower
+
+    return CONCHVisionTower()
+
+
+def _factory_architecture(spec: EncoderSpec) -> nn.Module:
+    module_name, function_name = spec.architecture.split(":")
+    where = f"custom encoder {spec.name!r}"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise EncoderError(f"{where}: cannot import {module_name!r} ({error}); install it or add it to PYTHONPATH") from error
+    factory = getattr(module, function_name, None)
+    if not callable(factory):
+        raise EncoderError(f"{where}: module {module_name!r} has no function {function_name!r}")
+    model = factory(**spec.build_kwargs)
+    if not isinstance(model, nn.Module):
+        raise EncoderError(f"{where}: {spec.architecture}(**kwargs) returned {type(model).__name__}, not a torch.nn.Module")
+    _check_readout_support(spec, model)
+    return model
+
+
+def _check_readout_support(spec: EncoderSpec, model: nn.Module) -> None:
+    needs = {"cls": ("forward_features",), "cls+mean": ("forward_features",), "pooled": ("forward_features", "forward_head")}
+    lacking = [m for m in needs.get(spec.readout, ()) if not callable(getattr(model, m, None))]
+    if lacking:
+        raise EncoderError(f"custom encoder {spec.name!r}: readout {spec.readout!r} needs the module to have {lacking[0]}() (timm style); use readout 'output' if forward(x) already returns (B, D)")
+
+
+_BUILDERS = {"timm": _timm_architecture, "transformers": _transformers_architecture, "trident": _trident_architecture, "factory": _factory_architecture}
+
+
+# --- weights -------------------------------------------------------------------------------------
+
+def build_encoder(name: str, *, checkpoint: str | None = None, custom: EncoderSpec | Mapping[str, Any] | None = None) -> TileEncoder:
+    """Build an encoder on the CPU in eval mode with frozen float32 parameters.
+
+    ``checkpoint``: local weights (a .safetensors/.bin/.pth file or a folder holding one), used
+    instead of the hub. ``custom``: a custom spec (``registry.custom_spec``) or its mapping.
+    """
+    spec = registry.resolve_spec(name, custom=custom)
+    registry.preflight(name, checkpoint=checkpoint, custom=spec)
+    backbone, source = _backbone_with_weights(spec, checkpoint)
+    backbone = backbone.float()  # gradients in float32; autocast lowers precision for extraction only
+    digest = state_dict_sha256(_weights_module(backbone))[:16]
+    seeded = spec.weights == "seeded" and checkpoint is None
+    weights_id = f"seeded:{spec.seed}:sha256:{digest}" if seeded else f"sha256:{digest}"
+    log.info("encoder %s: %s, weights %s from %s", name, spec.architecture, weights_id, source)
+    encoder = TileEncoder(spec, backbone, weights_id=weights_id, weights_source=source)
     return encoder.eval().requires_grad_(False)
 
 
-def state_dict_sha256(module: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+def _backbone_with_weights(spec: EncoderSpec, checkpoint: str | None) -> tuple[nn.Module, str]:
+    if checkpoint is not None:
+        path = weights.resolve_checkpoint(checkpoint, spec=spec)
+        source = f"local:{path}"
+    elif spec.weights == "seeded":
+        return _seeded_architecture(spec), "seeded"
+    elif spec.weights == "factory":
+        return build_architecture(spec), f"factory:{spec.architecture}"
+    else:
+        path = weights.fetch_hub_weights(spec)
+        source = f"hf-hub:{spec.hub_repo}"
+    if spec.loader == "trident":
+        return _trident_pretrained(spec, path, source=source), source
+    return _load_weights(spec, weights.read_state_dict(path, encoder=spec.name), source=source), source
 
+
+def _seeded_architecture(spec: EncoderSpec) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        return build_architecture(spec)
+
+
+def _load_weights(spec: EncoderSpec, state: weights.StateDict, *, source: str) -> nn.Module:
+    """Build on the meta device and adopt the checkpoint tensors (no second copy, no random init).
+
+    Custom factories are built for real: they may do work of their own.
+    """
+    on_meta = spec.loader != "factory"
+    backbone = build_architecture(spec, device="meta" if on_meta else "cpu")
+    state = weights.match_state_dict(_weights_module(backbone), state, spec=spec, source=source)
+    _weights_module(backbone).load_state_dict(state, strict=True, assign=on_meta)
+    if on_meta and any(t.is_meta for t in chain(backbone.parameters(), backbone.buffers())):
+        backbone = build_architecture(spec)  # non-persistent buffers need a real build
+        _weights_module(backbone).load_state_dict(state, strict=True)
+    return backbone
+
+
+def _trident_pretrained(spec: EncoderSpec, path: Path, *, source: str) -> nn.Module:
+    """CONCH v1.5 through its maintainers' loader (it also resizes the position embedding)."""
+    from trident.patch_encoder_models.model_zoo.conchv1_5.conchv1_5 import create_model_from_pretrained
+
+    try:
+        model, _ = create_model_from_pretrained(checkpoint_path=str(path), img_size=spec.input_px)
+    except (RuntimeError, KeyError, ValueError) as error:
+        raise EncoderError(f"encoder {spec.name!r}: checkpoint {source} does not load into {spec.architecture} ({str(error)[:200]}); use {registry.HUB_URL}/{spec.hub_repo}'s pytorch_model_vision.bin") from error
+    return model
+
+
+def _weights_module(backbone: nn.Module) -> nn.Module:
+    """The module whose state dict is the published checkpoint (adapters add no weights)."""
+    return backbone.hf_model if isinstance(backbone, HFTokens) else backbone
+
+
+# --- extraction loop -----------------------------------------------------------------------------
 
 def channels_first(tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, 3) as stored -> uint8 (B, 3, H, W) as torch models take it."""
@@ -108,6 +267,22 @@ def iter_batches(array, *, batch_size: int, prefetch: int = 2) -> Iterator[tuple
             yield start, np.asarray(batch)
 
 
+def _device_pixels(batch: np.ndarray, device: torch.device, *, channels_last: bool) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1] on ``device``.
+
+    uint8 crosses the bus (4x fewer bytes than float) from pinned memory; the conversion runs
+    on the device, in one pass into the memory layout the model wants (ViTs: plain NCHW, as
+    in a forward pass on in-memory tensors; CNNs on CUDA: channels-last).
+    """
+    tiles = torch.from_numpy(batch)
+    if device.type == "cuda":
+        tiles = tiles.pin_memory().to(device, non_blocking=True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    nchw = channels_first(tiles)
+    pixels = torch.empty(nchw.shape, dtype=torch.float32, device=device, memory_format=layout)
+    return pixels.copy_(nchw).div_(255.0)
+
+
 @torch.inference_mode()
 def embed_tiles(encoder: TileEncoder, tiles, *, batch_size: int, device: torch.device, label: str) -> np.ndarray:
     """Embed uint8 tiles (zarr or numpy, (N, T, T, 3)) -> float32 (N, D); checks every batch.
@@ -115,19 +290,43 @@ def embed_tiles(encoder: TileEncoder, tiles, *, batch_size: int, device: torch.d
     ``label`` (the slide id) names the culprit when a batch has NaN/Inf embeddings.
     """
     encoder = encoder.to(device)
-    out = np.empty((tiles.shape[0], encoder.spec.embed_dim), dtype=np.float32)
-    pin = device.type == "cuda"
+    channels_last = device.type == "cuda" and encoder.spec.channels_last  # CNNs gain on CUDA only
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    n_tiles = tiles.shape[0]
+    out = np.empty((n_tiles, encoder.spec.embed_dim), dtype=np.float32)
+    progress = _Progress(label=label, total=n_tiles)
     for start, batch in iter_batches(tiles, batch_size=batch_size):
-        pixels = to_unit_pixels(batch)
-        if pin:
-            pixels = pixels.pin_memory()
+        pixels = _device_pixels(batch, device, channels_last=channels_last)
         with runtime.autocast(device, encoder.spec.precision):
-            embedding = encoder(pixels.to(device, non_blocking=pin)).float()
-        bad = ~torch.isfinite(embedding).all(dim=1)
-        if bad.any():
-            first = start + int(torch.nonzero(bad)[0])
-            raise EncoderError(f"{label}: non-finite embedding for tile {first} with encoder {encoder.spec.name!r} ({encoder.spec.precision})")
+            embedding = encoder(pixels).float()
+        _check_batch(embedding, encoder=encoder, start=start, label=label)
         out[start : start + len(batch)] = embedding.cpu().numpy()
-        if (start // batch_size) % 20 == 0:
-            log.info("%s: embedded %d/%d tiles", label, start + len(batch), tiles.shape[0])
+        progress.update(start + len(batch))
     return out
+
+
+def _check_batch(embedding: torch.Tensor, *, encoder: TileEncoder, start: int, label: str) -> None:
+    spec = encoder.spec
+    if embedding.shape[1:] != (spec.embed_dim,):
+        raise EncoderError(f"{label}: encoder {spec.name!r} returned embeddings of shape {tuple(embedding.shape)} but its spec says embed_dim {spec.embed_dim}; fix embed_dim or the readout")
+    bad = ~torch.isfinite(embedding).all(dim=1)
+    if bad.any():
+        first = start + int(torch.nonzero(bad)[0])
+        raise EncoderError(f"{label}: non-finite embedding for tile {first} with encoder {spec.name!r} ({spec.precision})")
+
+
+class _Progress:
+    """Log lines "embedded n/N tiles (x tiles/s)" at most every PROGRESS_EVERY_S, and at the end."""
+
+    def __init__(self, *, label: str, total: int):
+        self.label, self.total = label, total
+        self.started = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if done < self.total and now - self.last < PROGRESS_EVERY_S:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-9)
+        log.info("%s: embedded %d/%d tiles (%.1f tiles/s)", self.label, done, self.total, rate)

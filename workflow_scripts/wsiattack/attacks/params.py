@@ -1,0 +1,88 @@
+"""Method parameters and their defaults, in one torch-free place (config validation uses it).
+
+``normalise_attack`` fills a method's defaults into an attack entry and resolves a null
+``step_size``, so the spec a rule carries states the exact parameters it ran with. Keys shared
+by every method (``method, objective, eps, budget, selection, seed``) are the schema's business.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from wsiattack.errors import ConfigError
+
+# None means "derived": step_size from eps and steps (STEP_SIZE_FACTOR), kappa = unreachable.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "fgsm": {"norm": "linf", "restarts": 1},
+    "pgd": {"norm": "linf", "steps": 10, "step_size": None, "restarts": 1},
+    "mifgsm": {"norm": "linf", "steps": 10, "step_size": None, "momentum": 1.0, "restarts": 1},
+    "apgd": {"norm": "linf", "steps": 100, "momentum": 0.75, "rho": 0.75, "restarts": 1},
+    "cw": {"steps": 100, "binary_search_steps": 5, "c": 10.0, "lr": 0.01, "kappa": None, "restarts": 1},
+    "noise": {},
+}
+
+# step_size = factor · eps / steps when not given. PGD: Madry et al.'s 2.5·eps/steps. MI-FGSM:
+# Dong et al. use eps/steps from the clean tile; from a random start inside the ball the
+# iterates may need to cross the whole diameter, hence 2·eps/steps.
+STEP_SIZE_FACTOR = {"pgd": 2.5, "mifgsm": 2.0}
+
+SELECTIONS = ("random", "vulnerability", "centrality", "attention")
+GRAY_BOX_SELECTIONS = frozenset({"attention"})  # selections that use the downstream model
+
+METHOD_PARAMS = frozenset(key for defaults in METHOD_DEFAULTS.values() for key in defaults)
+
+
+def method_params(entry: Mapping[str, Any], *, where: str, strict: bool) -> dict[str, Any]:
+    """The method's parameters with defaults filled and ``step_size`` resolved.
+
+    ``strict`` refuses a non-null parameter of another method (``momentum`` on ``pgd``), which
+    would otherwise be silently ignored; rules call this leniently because the config was
+    checked when it was loaded.
+    """
+    method = entry.get("method")
+    if method not in METHOD_DEFAULTS:
+        raise ConfigError(f"config: {where}.method: unknown method {method!r} (known: {', '.join(METHOD_DEFAULTS)})")
+    defaults = METHOD_DEFAULTS[method]
+    if strict:
+        _refuse_foreign(entry, method=method, where=where)
+    params = {key: entry[key] if entry.get(key) is not None else value for key, value in defaults.items()}
+    _check_ranges(params, where=where)
+    if "step_size" in params and params["step_size"] is None:
+        params["step_size"] = STEP_SIZE_FACTOR[method] * float(entry["eps"]) / params["steps"]
+    return params
+
+
+def normalise_attack(entry: Mapping[str, Any], *, where: str) -> dict[str, Any]:
+    """A validated attack entry with its method's parameters made explicit (strict)."""
+    out = copy.deepcopy(dict(entry))
+    out.update(method_params(entry, where=where, strict=True))
+    return out
+
+
+def _refuse_foreign(entry: Mapping[str, Any], *, method: str, where: str) -> None:
+    own = METHOD_DEFAULTS[method]
+    foreign = sorted(key for key in METHOD_PARAMS - set(own) if entry.get(key) is not None)
+    if foreign:
+        allowed = ", ".join(own) or "none"
+        raise ConfigError(f"config: {where}.{foreign[0]}: not a parameter of method {method!r} (its parameters: {allowed}); remove it")
+
+
+_INTEGER_MINIMUM = {"steps": 1, "restarts": 1, "binary_search_steps": 1}
+# key: (low, high, low included)
+_REAL_RANGE = {"step_size": (0.0, 1.0, False), "c": (0.0, float("inf"), False), "lr": (0.0, float("inf"), False), "momentum": (0.0, float("inf"), True), "rho": (0.0, 1.0, True)}
+
+
+def _check_ranges(params: Mapping[str, Any], *, where: str) -> None:
+    for key, minimum in _INTEGER_MINIMUM.items():
+        if key in params and (isinstance(params[key], bool) or not isinstance(params[key], int) or params[key] < minimum):
+            raise ConfigError(f"config: {where}.{key}: {params[key]!r} must be an integer >= {minimum}")
+    for key, (low, high, closed) in _REAL_RANGE.items():
+        if params.get(key) is None:
+            continue
+        value = float(params[key])
+        if not ((value >= low if closed else value > low) and value <= high):
+            raise ConfigError(f"config: {where}.{key}: {value} must be in {'[' if closed else '('}{low}, {high}]")
+    if params.get("norm", "linf") not in ("linf", "l2"):
+        raise ConfigError(f"config: {where}.norm: {params['norm']!r} must be linf or l2")
