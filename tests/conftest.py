@@ -3,5 +3,19 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "workflow_scripts"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Batches of a few tiles gain nothing from threads, and OpenMP's spin-waiting makes them
+    many times slower when the cores are shared with other jobs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

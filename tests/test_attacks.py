@@ -25,14 +25,7 @@ EPS = 4 / 255
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Batches of a few tiles gain nothing from threads, and OpenMP's spin-waiting makes them
-    many times slower when the cores are shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # --- budget and selection ------------------------------------------------------------------------
 

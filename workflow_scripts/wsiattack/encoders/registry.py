@@ -99,8 +99,9 @@ ENCODERS: dict[str, EncoderSpec] = {
     ),
     # UNI: ViT-L/16, LayerScale init 1e-5 (needed for the ls*.gamma keys), 1024-d CLS.
     # https://huggingface.co/MahmoodLab/UNI (timm.create_model("hf-hub:MahmoodLab/uni",
-    # init_values=1e-5, dynamic_img_size=True)); kwargs, ImageNet normalisation and float16 from
+    # init_values=1e-5, dynamic_img_size=True)); kwargs and ImageNet normalisation from
     # UNIInferenceEncoder in github.com/mahmoodlab/TRIDENT trident/patch_encoder_models/load.py.
+    # bfloat16, not float16: UNI's activations are reported to overflow to NaN in float16.
     "uni": EncoderSpec(
         name="uni",
         architecture="vit_large_patch16_224",
@@ -109,7 +110,7 @@ ENCODERS: dict[str, EncoderSpec] = {
         std=IMAGENET_STD,
         readout="cls",
         embed_dim=1024,
-        precision="float16",
+        precision="bfloat16",
         weights="hub",
         hub_repo="MahmoodLab/UNI",
         hub_files=("pytorch_model.bin",),
