@@ -315,6 +315,9 @@ def test_sweep_params_override_per_method_and_bad_sweeps_name_the_key():
         ({"methods": ["pgd"], "eps": [0.01], "params": {"pgd": {"kappa": 1.0}}}, r"kappa: not a parameter of method 'pgd'"),
         ({"methods": ["pgd"], "eps": [0.01], "grid": {}}, r"sweep.grid: unknown key"),
         ({"methods": ["pgd"], "eps": ["4/0"]}, r"sweep.eps\[0\]: division by zero"),
+        ({"methods": ["pgd"], "eps": [0.01], "base": {"objectiv": "l2"}}, r"sweep.base.objectiv: unknown key"),
+        ({"methods": ["pgd"], "eps": [0.01], "base": {"budget": {"min_tile": 2}}}, r"sweep.base.budget.min_tile: unknown key"),
+        ({"methods": ["pgd"], "eps": [0.01], "params": {"pgd": {"stepz": 3}}}, r"sweep.params.pgd.stepz: unknown key"),
     ]
     for sweep, message in bad:
         with pytest.raises(ConfigError, match=message):

@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--n-bootstrap", type=int, default=200)
     parser.add_argument("--steps-scale", type=int, default=1, help="multiply the reduced step counts")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--resume", action="store_true", help="reuse the per-slide tables of cells an interrupted run finished")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP spin on a shared 2-core machine)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -118,9 +119,13 @@ def main() -> None:
         for eps_255 in EPS_255:
             for fraction in FRACTIONS:
                 spec = attack_spec(method, eps_255=eps_255, fraction=fraction, steps_scale=args.steps_scale)
-                reembedded, seconds = run_cell(spec, inputs=inputs, work=work, encoder=encoder, slides=slides)
-                table = evaluation.evaluate_attack(splits_csv=inputs / "splits.csv", model_paths=models, feature_stores=features, reembedded_stores=reembedded, classes=classes)
-                table.to_csv(work / f"{spec['name']}.csv", index=False)
+                per_slide = work / f"{spec['name']}.csv"
+                if args.resume and per_slide.exists():  # finished by an interrupted earlier run
+                    table, seconds = pd.read_csv(per_slide, dtype={"slide_id": str}), float("nan")
+                else:
+                    reembedded, seconds = run_cell(spec, inputs=inputs, work=work, encoder=encoder, slides=slides)
+                    table = evaluation.evaluate_attack(splits_csv=inputs / "splits.csv", model_paths=models, feature_stores=features, reembedded_stores=reembedded, classes=classes)
+                    table.to_csv(per_slide, index=False)
                 rows.append({"method": method, "eps_255": eps_255, "fraction": fraction, "seconds": round(seconds, 1), "steps": spec.get("steps"), **summarize(table, classes=classes, n_bootstrap=args.n_bootstrap)})
                 print(f"{spec['name']}: {rows[-1]}", flush=True)
     cells = pd.DataFrame(rows)

@@ -30,6 +30,7 @@ from wsiattack.attacks.params import METHOD_DEFAULTS, METHOD_PARAMS, SELECTIONS,
 from wsiattack.errors import ConfigError
 
 SWEEP_KEYS = {"methods", "eps", "fractions", "selections", "base", "params", "prefix"}
+_BASE_KEYS = {"objective", "seed", "budget"}  # besides method parameters
 _SET_BY_GRID = {"method": "methods", "eps": "eps", "selection": "selections"}
 _GRID_DEFAULTS = {"fractions": [0.001], "selections": ["random"]}
 
@@ -75,11 +76,22 @@ def _check_shape(sweep: Mapping[str, Any]) -> None:
         if method not in sweep["methods"]:
             raise ConfigError(f"config: sweep.params.{method}: not one of sweep.methods ({', '.join(sweep['methods'])})")
     base = sweep.get("base", {})
+    _check_keys(base, allowed=_BASE_KEYS | METHOD_PARAMS, where="sweep.base")
+    _check_keys(base.get("budget", {}), allowed={"min_tiles", "max_tiles", "fraction"}, where="sweep.base.budget")
+    for method, params in sweep.get("params", {}).items():  # another method's parameter: normalise_attack says so
+        _check_keys(params, allowed=METHOD_PARAMS, where=f"sweep.params.{method}")
     for key, grid_key in _SET_BY_GRID.items():
         if key in base:
             raise ConfigError(f"config: sweep.base.{key}: set by the grid; list the values in sweep.{grid_key} instead")
     if "fraction" in base.get("budget", {}):
         raise ConfigError("config: sweep.base.budget.fraction: set by the grid; list the values in sweep.fractions instead")
+
+
+def _check_keys(mapping: Mapping[str, Any], *, allowed: set[str] | frozenset[str], where: str) -> None:
+    """Unknown keys would otherwise ride along into every entry unnoticed."""
+    unknown = sorted(set(mapping) - set(allowed) - set(_SET_BY_GRID))
+    if unknown:
+        raise ConfigError(f"config: {where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed)) or 'none'})")
 
 
 def _check_members(values: list[Any], *, allowed: Any, where: str) -> None:
