@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPU_TOKENS := $(if $(filter 0,$(GPUS)),$(CORES),$(GPUS))
 
-.PHONY: demo test test-fast report setup clean
+.PHONY: demo test test-fast report setup clean slurm-packages cluster-resources
 
 $(STAMP): requirements.txt requirements-test.txt requirements-test-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,11 +31,25 @@ demo: $(STAMP)
 report: $(STAMP)
 	$(BIN)/snakemake --cores 1 --report results/report.html
 
-test: $(STAMP)
+test: $(STAMP) slurm-packages
 	$(BIN)/python -m pytest
+
+# The live-SLURM test needs Debian's slurm-wlm and munge; installed here when running as root with
+# apt-get (as CI does). Elsewhere the test is skipped and says why.
+slurm-packages:
+	@if ! PATH="$$PATH:/usr/sbin" command -v slurmctld >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q slurm-wlm munge >/dev/null 2>&1) \
+		|| echo "slurm-wlm/munge not installable: the live-SLURM test will be skipped"; \
+	fi
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
+
+# Size profiles/slurm's per-rule memory and runtime from the benchmark files of a finished run.
+cluster-resources: $(STAMP)
+	PYTHONPATH=workflow_scripts $(BIN)/python -m wsiattack.cluster results/benchmarks profiles/slurm/config.yaml
 
 clean:
 	rm -rf results/* .snakemake

@@ -1,5 +1,6 @@
 # MIL heads trained on clean features only (k-fold cross-validation), then evaluated on clean
 # and attacked bags of their test slides.
+from wsiattack.attacks.params import threat_marking
 
 
 rule split:
@@ -58,7 +59,10 @@ rule evaluate:
     output:
         per_slide="results/eval/{encoder}/{mil}/{attack}.csv",
     params:
-        spec=lambda wildcards: spec({"classes": CONFIG["classes"], "attack": wildcards.attack}),
+        # the marking is part of what the table states (and re-runs tables written before it)
+        spec=lambda wildcards: spec(
+            {"classes": CONFIG["classes"], "attack": wildcards.attack, **threat_marking(CONFIG["attacks"][wildcards.attack])}
+        ),
     log:
         log_path("evaluate", "encoder", "mil", "attack"),
     benchmark:

@@ -242,19 +242,6 @@ def test_centrality_selection_needs_matching_clean_features(tmp_path, slide):
         perturb(tmp_path, path, spec, "d.zarr", features_store=short)
 
 
-def test_attention_selection_is_gray_box(tmp_path, slide):
-    path, _, _ = slide
-    spec = {**SPEC, "selection": "attention"}
-    scores = np.linspace(0, 1, 12)[::-1].copy()
-    _, store = perturb(tmp_path, path, spec, attention_scores=scores)
-    np.testing.assert_array_equal(store["index"][...], [0, 1, 2])
-    assert store.attrs["label_free"] is False and store.attrs["threat_model"] == "gray-box"
-    with pytest.raises(AttackError, match="needs the MIL head's attention scores"):
-        perturb(tmp_path, path, spec, "b.zarr")
-    with pytest.raises(AttackError, match=r"expected \(12,\)"):
-        perturb(tmp_path, path, spec, "c.zarr", attention_scores=scores[:4])
-
-
 def test_demo_encoder_attack_then_reembed_replaces_only_the_selected_rows(tmp_path, slide):
     path, _, _ = slide
     demo = build_encoder("demo")
@@ -295,9 +282,17 @@ def test_sweep_expands_the_grid_into_readable_deterministic_names():
     assert "noise_eps7.5_f0.01_vulnerability" in entries
     pgd = entries["pgd_eps4_f0.01_random"]
     assert pgd["eps"] == pytest.approx(4 / 255) and pgd["steps"] == 20 and pgd["seed"] == 3
-    assert pgd["budget"] == {"min_tiles": 2, "fraction": 0.01} and pgd["selection"] == "random"
+    assert pgd["budget"] == {"min_tiles": 2, "max_tiles": None, "fraction": 0.01} and pgd["selection"] == "random"
     assert "steps" not in entries["noise_eps4_f0.01_random"]  # base method parameters go where they apply
     assert expand_sweep(sweep) == entries
+
+
+def test_sweep_entries_get_the_schema_defaults_and_mil_only_where_a_head_is_used():
+    entries = expand_sweep({"methods": ["pgd"], "eps": ["4/255"], "selections": ["random", "attention"], "params": {"pgd": {"step_size": "1/255"}}, "base": {"mil": "abmil"}})
+    plain, gray = entries["pgd_eps4_f0.001_random"], entries["pgd_eps4_f0.001_attention"]
+    assert plain["seed"] == 0 and plain["objective"] == "cosine" and plain["budget"] == {"fraction": 0.001, "min_tiles": 1, "max_tiles": None}
+    assert plain["step_size"] == pytest.approx(1 / 255)  # fractions parsed as for entries under attacks
+    assert "mil" not in plain and gray["mil"] == "abmil"
 
 
 def test_sweep_params_override_per_method_and_bad_sweeps_name_the_key():
@@ -318,6 +313,12 @@ def test_sweep_params_override_per_method_and_bad_sweeps_name_the_key():
         ({"methods": ["pgd"], "eps": [0.01], "base": {"objectiv": "l2"}}, r"sweep.base.objectiv: unknown key"),
         ({"methods": ["pgd"], "eps": [0.01], "base": {"budget": {"min_tile": 2}}}, r"sweep.base.budget.min_tile: unknown key"),
         ({"methods": ["pgd"], "eps": [0.01], "params": {"pgd": {"stepz": 3}}}, r"sweep.params.pgd.stepz: unknown key"),
+        # every generated entry is checked against the schema's $defs/attack, naming entry and key
+        ({"methods": ["pgd"], "eps": [0.01], "base": {"objective": "cosin"}}, r"sweep \(pgd_eps2.55_f0.001_random\).objective: 'cosin' is not one of"),
+        ({"methods": ["pgd"], "eps": [0.01], "base": {"seed": -1}}, r"sweep \(pgd_eps2.55_f0.001_random\).seed: -1 is less than the minimum"),
+        ({"methods": ["pgd"], "eps": [0.01], "base": {"budget": {"min_tiles": 0}}}, r"sweep \(pgd_eps2.55_f0.001_random\).budget.min_tiles: 0 is less than"),
+        ({"methods": ["noise", "pgd"], "eps": [0.01], "params": {"pgd": {"steps": "ten"}}}, r"sweep \(pgd_eps2.55_f0.001_random\).steps: 'ten' is not of type 'integer'"),
+        ({"methods": ["pgd"], "eps": [0.01], "params": {"pgd": {"norm": "l1"}}}, r"sweep \(pgd_eps2.55_f0.001_random\).norm: 'l1' is not one of"),
     ]
     for sweep, message in bad:
         with pytest.raises(ConfigError, match=message):

@@ -99,3 +99,54 @@ def test_encoder_specs_carry_checkpoint_and_custom_entries(shipped, tmp_path, mo
     config["encoder_weights"] = {"uni": str(checkpoint), "virchow2": str(checkpoint)}
     with pytest.raises(ConfigError, match=r"encoder_weights: 'virchow2' is not listed under encoders"):
         wsiconfig.validate_config(config)
+
+
+# --- gray-box attacks: a MIL head ranks the tiles or scores the bag -------------------------------
+
+PGD = {"method": "pgd", "eps": "4/255"}
+
+
+def with_attack(shipped, **entry):
+    config = copy.deepcopy(shipped)
+    config["mil"] = {**config["mil"], "models": ["abmil"]}
+    config["attacks"]["gray"] = {**PGD, **entry}
+    return config
+
+
+def test_attention_selection_names_a_mil_model_defaulting_to_the_first(shipped):
+    checked = wsiconfig.validate_config(with_attack(shipped, selection="attention"))
+    assert checked["attacks"]["gray"]["mil"] == "abmil" and checked["attacks"]["gray"]["objective"] == "cosine"
+    explicit = wsiconfig.validate_config(with_attack(shipped, selection="attention", mil="abmil"))
+    assert wsiconfig.attack_spec(explicit, "gray") == wsiconfig.attack_spec(checked, "gray")  # same spec, no re-run
+    assert "mil" not in checked["attacks"]["pgd_eps4"]  # label-free entries carry no head
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"selection": "attention", "mil": "transmil"}, r"config: attacks\.gray\.mil: 'transmil' is not one of mil\.models \(abmil\)"),
+        ({"selection": "random", "mil": "abmil"}, r"config: attacks\.gray\.mil: only attacks with selection 'attention' or objective 'mil_cross_entropy'"),
+        ({"objective": "mil_cross_entropy", "selection": "vulnerability"}, r"config: attacks\.gray\.selection: the vulnerability probe .* cannot use objective 'mil_cross_entropy'"),
+        ({"objective": "cross_entropy"}, r"config: attacks\.gray\.objective: 'cross_entropy' is not one of"),
+    ],
+)
+def test_bad_gray_box_entries_name_the_key(shipped, entry, message):
+    with pytest.raises(ConfigError, match=message):
+        wsiconfig.validate_config(with_attack(shipped, **entry))
+
+
+def test_the_oracle_objective_is_used_only_when_asked_for(shipped):
+    checked = wsiconfig.validate_config(shipped)
+    assert {entry["objective"] for entry in checked["attacks"].values()} == {"cosine"}  # the default stays label-free
+    oracle = wsiconfig.validate_config(with_attack(shipped, objective="mil_cross_entropy"))["attacks"]["gray"]
+    assert oracle["objective"] == "mil_cross_entropy" and oracle["mil"] == "abmil"
+
+
+def test_sweep_entries_are_checked_against_the_attack_schema(shipped):
+    config = copy.deepcopy(shipped)
+    config["sweep"] = {"methods": ["pgd"], "eps": ["4/255"], "selections": ["attention"], "base": {"mil": "transmil"}}
+    with pytest.raises(ConfigError, match=r"config: sweep \(pgd_eps4_f0\.001_attention\)\.mil: 'transmil' is not one of mil\.models"):
+        wsiconfig.validate_config(config)
+    config["sweep"]["base"] = {"restarts": 0}
+    with pytest.raises(ConfigError, match=r"config: sweep \(pgd_eps4_f0\.001_attention\)\.restarts: 0 is less than the minimum of 1"):
+        wsiconfig.validate_config(config)

@@ -15,6 +15,7 @@ import numpy as np
 import openslide
 import pytest
 import tifffile
+import zarr
 from PIL import Image
 
 from wsiattack import slides
@@ -87,6 +88,57 @@ def write_svs(path: Path, image: np.ndarray, *, mpp: float | None, app_mag: int 
     return path
 
 
+DICOM_WSI_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+
+
+def write_dicom(folder: Path, image: np.ndarray, *, mpp: float, downsamples=(1, 4), tile_px: int = 256) -> Path:
+    """DICOM WSI (OpenSlide ``dicom``): one file per level in ``folder``, all of one series.
+
+    Each level is a TILED_FULL multi-frame VL Whole Slide Microscopy image, frames row-major and
+    uncompressed RGB (Explicit VR Little Endian, which OpenSlide 4 decodes like JPEG ones), edge
+    frames padded with white; the pixel spacing (mm) sits in the shared functional groups, where
+    OpenSlide reads ``openslide.mpp-x/y``. Returns level 0's file: OpenSlide opens any file of the
+    series and finds the others in the folder.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    uid = lambda name: generate_uid(entropy_srcs=[str(folder), name])  # noqa: E731 - deterministic per folder
+    paths = []
+    for i, downsample in enumerate(downsamples):
+        level = reduce(image, downsample)
+        height, width = level.shape[:2]
+        across, down = -(-width // tile_px), -(-height // tile_px)
+        padded = np.full((down * tile_px, across * tile_px, 3), 255, np.uint8)
+        padded[:height, :width] = level
+        frames = padded.reshape(down, tile_px, across, tile_px, 3).swapaxes(1, 2)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = DICOM_WSI_CLASS
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = uid(f"level {i}")
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uid("study"), uid("series"), uid("frame of reference")
+        ds.Modality, ds.InstanceNumber = "SM", i + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if i == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        ds.DimensionOrganizationType = "TILED_FULL"
+        ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.TotalPixelMatrixFocalPlanes = width, height, 1
+        ds.Columns = ds.Rows = tile_px
+        ds.NumberOfFrames = across * down
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        measures = Dataset()
+        measures.PixelSpacing = [f"{mpp * downsample / 1000:.10g}"] * 2  # mm, rows then columns
+        measures.SliceThickness = "0.001"
+        shared = Dataset()
+        shared.PixelMeasuresSequence = [measures]
+        ds.SharedFunctionalGroupsSequence = [shared]
+        ds.PixelData = np.ascontiguousarray(frames).tobytes()
+        paths.append(folder / f"level{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths[0]
+
+
 def open_(path: Path, **kwargs) -> slides.Slide:
     return slides.open_slide(path, slide_id="s1", **kwargs)
 
@@ -156,6 +208,32 @@ def test_the_sample_sheet_mpp_wins_over_metadata_and_must_be_positive(tmp_path):
     for bad in (0.0, -1.0, math.nan):
         with pytest.raises(SlideError, match=r"slide 's1': the sample sheet's mpp .* is not a positive number"):
             open_(path, mpp_override=bad)
+
+
+def test_dicom_wsi_is_read_and_tiled(tmp_path):
+    """A DICOM WSI written with pydicom (test-only dependency): OpenSlide's dicom reader gives
+    the levels and the pixel size, and tiling it gives the 16 pink tiles as for a TIFF."""
+    pytest.importorskip("pydicom", reason="pydicom (test-only dependency, requirements-test.txt) is not installed: cannot write a DICOM WSI")
+    from wsiattack import tiling
+
+    image = slide_image(0.25)
+    path = write_dicom(tmp_path / "dicom", image, mpp=0.25, downsamples=(1, 4))
+    with open_(path) as slide:
+        info = slide.info
+        region = slide.read_rgb(location=(0, 0), level=0, size=(info.width_px, info.height_px))
+    assert info.vendor == "dicom" and info.mpp == pytest.approx(0.25) and info.mpp_source == "openslide.mpp-x/y"
+    assert (info.width_px, info.height_px) == (3584, 2688) and info.level_downsamples == pytest.approx((1.0, 4.0))
+    np.testing.assert_array_equal(region, image)  # uncompressed frames: exact, edge padding cropped
+    spec = {"tile_px": 224, "target_mpp": 0.5, "mpp_tolerance": 0.05, "allow_objective_power": False, "skip_empty": False,
+            "tissue": {"method": "otsu", "min_fraction": 0.5, "thumbnail_mpp": 8.0, "min_object_um2": 20000.0, "max_hole_um2": 20000.0}}
+    out = tmp_path / "tiles.zarr"
+    n = tiling.tile_slide(slide_id="s1", slide_path=path, spec=spec, out_store=out, out_qc=tmp_path / "qc.png")
+    group = zarr.open_group(out, mode="r")
+    tiles, coords = np.asarray(group["tiles"][...]), np.asarray(group["coords"][...])
+    assert n == 16 and group.attrs["vendor"] == "dicom" and group.attrs["level"] == 0  # 0.25 µm/px, halved to 0.5
+    np.testing.assert_array_equal(np.unique(coords[:, 0]), np.arange(2, 6) * 448)  # 112 µm = 448 px at 0.25 µm/px
+    np.testing.assert_array_equal(np.unique(coords[:, 1]), np.arange(1, 5) * 448)
+    assert np.abs(tiles.reshape(-1, 3).mean(0) - PINK).max() < 6
 
 
 # --------------------------------------------------------------------------------------------

@@ -213,16 +213,48 @@ def test_resized_tiles_match_a_per_tile_resize_from_their_exact_origin(tmp_path)
             assert np.abs(expected.astype(int) - tile.astype(int)).mean() < 0.12
 
 
-def test_threads_give_a_byte_identical_store(tmp_path):
+def test_threads_give_a_byte_identical_store(tmp_path, monkeypatch):
+    """Same slide and spec, 1 or 2 threads, one or several chunks per write: the same bytes in
+    every file of the store (and the same QC image)."""
     path = write_svs(tmp_path / "a.svs", slide_image(0.2635), mpp=0.2635)
-    stores_ = []
-    for threads in (1, 2):
+    stores_, files = [], []
+    for threads, chunks_per_write in ((1, 1), (2, tiling.WRITE_CHUNKS)):
+        monkeypatch.setattr(tiling, "WRITE_CHUNKS", chunks_per_write)
+        monkeypatch.setattr(stores, "TILES_PER_CHUNK", 3)  # 16 tiles: 6 chunks, the last one partial
         (tmp_path / str(threads)).mkdir()
         _, out = run(tmp_path / str(threads), path, threads=threads)
         stores_.append(load(out))
+        files.append({f.relative_to(out.parent).as_posix(): f.read_bytes() for f in out.parent.rglob("*") if f.is_file()})
     np.testing.assert_array_equal(stores_[0][0], stores_[1][0])
     np.testing.assert_array_equal(stores_[0][1], stores_[1][1])
     assert stores_[0][2] == stores_[1][2]
+    assert len([name for name in files[0] if "/tiles/c/" in name]) == 6
+    assert files[0].keys() == files[1].keys() and all(files[0][name] == files[1][name] for name in files[0])
+
+
+class RecordingArray:
+    """Stands in for a zarr array: records each write (a copy), optionally fails on one."""
+
+    def __init__(self, n: int, *, chunk: int, fail_on: int | None = None) -> None:
+        self.shape, self.chunks, self.fail_on, self.writes = (n, 2, 2, 3), (chunk, 2, 2, 3), fail_on, []
+
+    def __setitem__(self, index: slice, value: np.ndarray) -> None:
+        if len(self.writes) == self.fail_on:
+            raise OSError("disk full")
+        self.writes.append((index.start, index.stop, value.copy()))
+
+
+def test_write_in_chunks_stores_whole_chunks_in_order_and_propagates_writer_errors():
+    tiles = np.arange(23 * 12, dtype=np.uint8).reshape(23, 2, 2, 3)
+    batches = [tiles[:5], tiles[5:6], tiles[6:20], tiles[20:]]  # batch edges unrelated to chunks
+    array = RecordingArray(23, chunk=3)
+    tiling.write_in_chunks(array, batches=iter(batches), chunks_per_write=2, depth=2)
+    assert [(a, b) for a, b, _ in array.writes] == [(0, 6), (6, 12), (12, 18), (18, 23)]  # 2 chunks a write, last one short
+    np.testing.assert_array_equal(np.concatenate([v for _, _, v in array.writes]), tiles)
+    with pytest.raises(OSError, match="disk full"):
+        tiling.write_in_chunks(RecordingArray(23, chunk=3, fail_on=1), batches=iter(batches), chunks_per_write=1, depth=1)
+    with pytest.raises(RuntimeError, match="wrote 20 tiles into an array of 23"):
+        tiling.write_in_chunks(RecordingArray(23, chunk=3), batches=iter(batches[:3]))
 
 
 def test_plan_blocks_groups_cells_into_bounded_blocks_in_a_fixed_order():

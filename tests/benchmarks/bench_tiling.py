@@ -1,16 +1,22 @@
 """Benchmark: tiling throughput against the raw OpenSlide bound, and tiling's peak memory.
 
-    cd /work/main && .venv/bin/python tests/benchmarks/bench_tiling.py [--workdir DIR] [--threads 2]
+    cd /work/main && .venv/bin/python tests/benchmarks/bench_tiling.py [--workdir DIR] [--slide PATH] [--threads 2] [--repeats 3]
 
-Writes a large pyramidal JPEG TIFF (>= 20 000 tissue tiles of 224 px at 0.5 µm/px), then, in one
-run on the same machine:
+Writes a large pyramidal JPEG TIFF (>= 20 000 tissue tiles of 224 px at 0.5 µm/px; reused when
+``--slide`` names an existing file), then, in rounds that each run everything back to back so
+that all figures of a round saw about the same machine load:
 
-- pipeline: ``tiling.tile_slide(threads=N)`` writing the real zarr store, in a subprocess whose
-  peak RSS is read with ``getrusage(RUSAGE_CHILDREN)``;
-- raw bound: the same tiles (coords from that store) read and decoded by OpenSlide and written
-  nowhere, with the fastest strategy found (threaded reads of row runs or of 2-D blocks);
-- their ratio (goal >= 0.8) and the peak RSS (goal <= 1.5 GB);
-- diagnostics: the pipeline with a cheaper codec (lz4) and with none, to attribute the gap.
+- pipeline: ``tiling.tile_slide(threads=N)`` writing the real zarr store (the store's own tiles
+  codec, ``stores._TILES_COMPRESSOR``), in a subprocess that reports its peak RSS and store size;
+- raw bound: the same tiles (coords from that store) read and decoded by OpenSlide on the same
+  N threads and written nowhere, with the fastest strategy found (row runs or 2-D blocks);
+- variants (``--variants``): the pipeline with another tiles codec (``cname:clevel:shuffle``),
+  with none, or ``nowrite`` (everything but storing the tiles: plan, reads, QC image), to
+  attribute the gap between the pipeline and the bound.
+
+Prints each round, the best of each configuration with its CPU-ms per tile (the steadier figure
+when other jobs share the CPUs), and a final ``RESULT:`` line: pipeline tiles/s, raw bound
+tiles/s, their ratio (goal >= 0.8), peak RSS (goal <= 1.5 GB), store size, load averages.
 
 Not collected by pytest (not named test_*).
 """
@@ -146,20 +152,31 @@ def write_benchmark_slide(path: Path, *, cols: int, rows: int) -> None:
 # Measurements
 # --------------------------------------------------------------------------------------------
 
-# Diagnostics only (the store's codec is stores._COMPRESSOR): what compression costs the pipeline.
-DIAGNOSTIC_CODECS = {"lz4": {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}, "none": None}
+# Pipeline variants: the store's own codec (stores._TILES_COMPRESSOR), or another one for the tiles
+# array given as cname:clevel:shuffle (Blosc), or "none"; the figures attribute the cost of compressing.
+DEFAULT_VARIANTS = ("zstd:3:bitshuffle", "zstd:1:noshuffle", "nowrite")
+
+
+def codec_of(variant: str):
+    from zarr.codecs import BloscCodec
+
+    if variant == "none":
+        return None
+    cname, clevel, shuffle = variant.split(":")
+    return BloscCodec(cname=cname, clevel=int(clevel), shuffle=shuffle)
 
 
 def child_main(args: argparse.Namespace) -> None:
-    """Subprocess: tile the slide once and print its timing as JSON (its RSS is the parent's figure)."""
-    if args.codec in DIAGNOSTIC_CODECS:
-        from zarr.codecs import BloscCodec
-
-        config = DIAGNOSTIC_CODECS[args.codec]
-        stores._COMPRESSOR = None if config is None else BloscCodec(**config)
+    """Subprocess: tile the slide once and print its timing, peak RSS and store size as JSON."""
+    if args.codec == "nowrite":  # consume the tiles, store nothing (the store keeps its coords)
+        tiling.write_in_chunks = lambda array, *, batches: sum(len(batch) for batch in batches)
+    elif args.codec != "store":
+        stores._TILES_COMPRESSOR = codec_of(args.codec)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
     n = tiling.tile_slide(slide_id="bench", slide_path=args.slide, spec=SPEC, out_store=args.out, out_qc=Path(args.out).with_suffix(".png"), threads=args.threads)
-    print(json.dumps({"n": n, "wall_s": time.perf_counter() - start_wall, "cpu_s": time.process_time() - start_cpu}))
+    wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+    store_bytes = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
+    print(json.dumps({"n": n, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "store_mb": store_bytes / 1e6}))
 
 
 def run_pipeline(slide: Path, out: Path, *, threads: int, codec: str = "store") -> dict:
@@ -203,12 +220,13 @@ def cpu_ms(result: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=None, help="where the slide and stores go (default: a temporary directory)")
+    parser.add_argument("--slide", type=Path, default=None, help="benchmark slide to reuse (written there first if missing; default: in the workdir)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved pipeline/raw rounds; the best of each is reported")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, each running the pipeline, the raw bound and the variants back to back")
+    parser.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS), help="other tiles codecs to run (cname:clevel:shuffle or none)")
     parser.add_argument("--cols", type=int, default=160, help="slide width in 256 px TIFF tiles")
     parser.add_argument("--rows", type=int, default=140, help="slide height in 256 px TIFF tiles")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--slide", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--codec", default="store", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -219,34 +237,55 @@ def main() -> None:
         report(Path(workdir), args)
 
 
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def report(workdir: Path, args: argparse.Namespace) -> None:
-    slide, store = workdir / "bench.tiff", workdir / "bench.zarr"
-    start = time.perf_counter()
-    write_benchmark_slide(slide, cols=args.cols, rows=args.rows)
-    print(f"slide: {args.cols * TIFF_TILE_PX} x {args.rows * TIFF_TILE_PX} px, {slide.stat().st_size / 1e6:.0f} MB, written in {time.perf_counter() - start:.1f} s, "
-          f"generator peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
+    slide, store = args.slide or workdir / "bench.tiff", workdir / "bench.zarr"
+    load_before = load()
+    if not slide.exists():
+        start = time.perf_counter()
+        write_benchmark_slide(slide, cols=args.cols, rows=args.rows)
+        print(f"slide: {args.cols * TIFF_TILE_PX} x {args.rows * TIFF_TILE_PX} px, {slide.stat().st_size / 1e6:.0f} MB, written in {time.perf_counter() - start:.1f} s, "
+              f"generator peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
     slide.read_bytes()  # into the page cache: every run below reads from memory
-    pipeline, raw_rows, raw_blocks = [], [], []
-    for _ in range(args.repeats):
-        pipeline.append(run_pipeline(slide, store, threads=args.threads))
+    codec = stores._TILES_COMPRESSOR
+    pipeline = f"pipeline ({codec.cname.value}:{codec.clevel}:{codec.shuffle.value})" if codec is not None else "pipeline (no codec)"
+    names = [pipeline, "raw rows", "raw blocks", *(f"pipeline, codec {v}" for v in args.variants)]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for round_ in range(args.repeats):
+        # One round runs everything back to back, so each of its figures saw about the same load.
+        runs[pipeline].append(run_pipeline(slide, store, threads=args.threads))
         rows, blocks, n_tiles = raw_regions(store)
-        raw_rows.append(run_raw(slide, rows, threads=args.threads, n_tiles=n_tiles))
-        raw_blocks.append(run_raw(slide, blocks, threads=args.threads, n_tiles=n_tiles))
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    diagnostics = {codec: run_pipeline(slide, workdir / f"{codec}.zarr", threads=args.threads, codec=codec) for codec in DIAGNOSTIC_CODECS}
-    runs = {"pipeline": pipeline, "raw rows": raw_rows, "raw blocks": raw_blocks}
-    best = {name: max(results, key=rate) for name, results in runs.items()}
-    raw = max(best["raw rows"], best["raw blocks"], key=rate)
+        runs["raw rows"].append(run_raw(slide, rows, threads=args.threads, n_tiles=n_tiles))
+        runs["raw blocks"].append(run_raw(slide, blocks, threads=args.threads, n_tiles=n_tiles))
+        for variant in args.variants:
+            runs[f"pipeline, codec {variant}"].append(run_pipeline(slide, workdir / "variant.zarr", threads=args.threads, codec=variant))
+        raw_i = max(runs["raw rows"][-1], runs["raw blocks"][-1], key=rate)
+        print(f"round {round_ + 1}: load {load()}; raw {rate(raw_i):.0f} tiles/s; " + "; ".join(
+            f"{name} {rate(runs[name][-1]):.0f} tiles/s = {rate(runs[name][-1]) / rate(raw_i):.2f}" for name in names if name.startswith("pipeline")), flush=True)
+    raws = [max(r, b, key=rate) for r, b in zip(runs["raw rows"], runs["raw blocks"], strict=True)]
+    raw = max(raws, key=rate)
+    raw_cpu = min(map(cpu_ms, runs["raw rows"] + runs["raw blocks"]))
     print(f"tiles: {n_tiles} of {SPEC['tile_px']} px at {SPEC['target_mpp']} µm/px; threads={args.threads}; cpus={os.cpu_count()}; "
-          f"load average {os.getloadavg()[0]:.1f} (other jobs share the CPUs: CPU-ms/tile is the steadier figure)")
-    for name, result in best.items():
+          f"load average before {load_before}, after {load()} (1, 5, 15 min; other jobs share the CPUs: CPU-ms/tile is the steadier figure)")
+    for name in names:
+        best = max(runs[name], key=rate)
         every = ", ".join(f"{rate(r):.0f}" for r in runs[name])
-        print(f"{name:>26}: {rate(result):6.0f} tiles/s  {cpu_ms(result):5.2f} CPU-ms/tile  (runs: {every} tiles/s)")
-    for codec, result in diagnostics.items():
-        print(f"{'pipeline, codec ' + codec:>26}: {rate(result):6.0f} tiles/s  {cpu_ms(result):5.2f} CPU-ms/tile  (diagnostic: {DIAGNOSTIC_CODECS[codec]} instead of the store's codec)")
-    print(f"ratio pipeline / raw bound: {rate(best['pipeline']) / rate(raw):.2f} in tiles/s, {cpu_ms(raw) / cpu_ms(best['pipeline']):.2f} in CPU time (goal >= 0.8)")
-    print("  diagnostics, in tiles/s: " + ", ".join(f"codec {codec} {rate(result) / rate(raw):.2f}" for codec, result in diagnostics.items()))
-    print(f"peak RSS of tile_slide: {peak_rss_mb:.0f} MB (goal <= 1536 MB)")
+        extra = ""
+        if name.startswith("pipeline"):
+            ratios = sorted(rate(p) / rate(r) for p, r in zip(runs[name], raws, strict=True))
+            extra = (f"  ratio best/best {rate(best) / rate(raw):.2f}, per round median {ratios[len(ratios) // 2]:.2f}, "
+                     f"CPU {raw_cpu / min(map(cpu_ms, runs[name])):.2f}; store {best['store_mb']:.0f} MB, peak RSS {max(r['peak_rss_mb'] for r in runs[name]):.0f} MB")
+        print(f"{name:>36}: {rate(best):6.0f} tiles/s  {min(map(cpu_ms, runs[name])):5.2f} CPU-ms/tile  (runs: {every}){extra}")
+    best = max(runs[pipeline], key=rate)
+    ratios = sorted(rate(p) / rate(r) for p, r in zip(runs[pipeline], raws, strict=True))
+    print(f"RESULT: pipeline {rate(best):.0f} tiles/s, raw bound {rate(raw):.0f} tiles/s, ratio {rate(best) / rate(raw):.2f} "
+          f"(best of {args.repeats} each; per-round median {ratios[len(ratios) // 2]:.2f}; in CPU-ms/tile {raw_cpu / min(map(cpu_ms, runs[pipeline])):.2f}; goal >= 0.8), "
+          f"peak RSS {max(r['peak_rss_mb'] for r in runs[pipeline]):.0f} MB (goal <= 1536 MB), store {best['store_mb']:.0f} MB for {n_tiles} tiles, "
+          f"load {load_before} -> {load()}")
+
 
 if __name__ == "__main__":
     main()

@@ -70,23 +70,45 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _normalise_attacks(config: dict[str, Any]) -> None:
-    """Parse fractions, fill each method's defaults, and add the sweep's entries (torch-free)."""
-    from wsiattack.attacks.params import normalise_attack
+    """Check and normalise every attack entry, add the sweep's entries, resolve MIL heads (torch-free)."""
+    from wsiattack.attacks.params import resolve_mil
     from wsiattack.attacks.sweep import expand_sweep
 
-    attacks = {}
-    for name, entry in config["attacks"].items():
-        for key in ("eps", "step_size"):
-            if entry.get(key) is not None:
-                entry[key] = parse_pixel_fraction(entry[key], where=f"attacks.{name}.{key}")
-        attacks[name] = normalise_attack(entry, where=f"attacks.{name}")
+    attacks = {name: check_attack_entry(entry, where=f"attacks.{name}") for name, entry in config["attacks"].items()}
+    wheres = {name: f"attacks.{name}" for name in attacks}
     for name, entry in expand_sweep(config["sweep"]).items() if "sweep" in config else ():
         if name in attacks:
             raise ConfigError(f"config: sweep: entry {name!r} has the name of an attack under attacks; rename one")
-        attacks[name] = entry
+        attacks[name], wheres[name] = entry, f"sweep ({name})"
     if not attacks:
         raise ConfigError("config: attacks: no attack defined (add an entry under attacks or a sweep)")
+    for name, entry in attacks.items():
+        resolve_mil(entry, mil_models=config["mil"]["models"], where=wheres[name])
     config["attacks"] = attacks
+
+
+def check_attack_entry(entry: Mapping[str, Any], *, where: str) -> dict[str, Any]:
+    """One attack entry checked against the schema's ``$defs/attack`` (defaults filled), its pixel
+    fractions parsed and its method's defaults filled. ``where`` names it in errors: a sweep's
+    generated entries come through here too, so a bad sweep value names the entry and the key."""
+    from wsiattack.attacks.params import normalise_attack
+
+    checked = copy.deepcopy(dict(entry))
+    errors = sorted(_Validator(_attack_schema()).iter_errors(checked), key=lambda e: list(e.absolute_path))
+    if errors:
+        path = _where(errors[0])
+        raise ConfigError(f"config: {where}{'' if path == '<top level>' else '.' + path}: {_short_message(errors[0])}")
+    for key in ("eps", "step_size"):
+        if checked.get(key) is not None:
+            checked[key] = parse_pixel_fraction(checked[key], where=f"{where}.{key}")
+    return normalise_attack(checked, where=where)
+
+
+@cache
+def _attack_schema() -> dict[str, Any]:
+    """``$defs/attack`` as a schema of its own (with the ``$defs`` its references point into)."""
+    schema = load_schema()
+    return {"$defs": schema["$defs"], **schema["$defs"]["attack"]}
 
 
 def _short_message(error: jsonschema.ValidationError) -> str:

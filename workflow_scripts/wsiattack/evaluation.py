@@ -12,9 +12,12 @@ import pandas as pd
 import torch
 
 from wsiattack import stores
+from wsiattack.attacks.params import threat_marking
 from wsiattack.mil import MILTrainingSpec, load_mil_checkpoint, predict_bag, save_mil_checkpoint, train_mil
 
 log = logging.getLogger(__name__)
+
+MARKING_COLUMNS = ("label_free", "threat_model")  # per-slide CSV and summary: who may run the attack
 
 
 def slide_id_of(store_path: str | Path) -> str:
@@ -62,7 +65,11 @@ def evaluate_attack(
     reembedded_stores: Sequence[str | Path],
     classes: Sequence[str],
 ) -> pd.DataFrame:
-    """One row per slide, scored by the head of the fold in which it is a test slide."""
+    """One row per slide, scored by the head of the fold in which it is a test slide.
+
+    Every row carries the attack's ``label_free`` and ``threat_model`` (``params.threat_marking``
+    of the attack spec the stores were made with), so gray-box results cannot pass for label-free.
+    """
     splits = pd.read_csv(splits_csv, dtype={"slide_id": str})
     features = read_features(feature_stores)
     replaced = {slide_id_of(p): stores.open_store(p, kind=stores.REEMBEDDED) for p in reembedded_stores}
@@ -78,8 +85,9 @@ def evaluate_attack(
         attacked = attacked_bag(clean, index=index, replacement=np.asarray(replaced[slide_id]["features"][...]))
         model = models[record["fold"]]
         shift = _cosine_distance(clean[index], attacked[index])
-        rows.append({**_score(model, clean, attacked, index=index, classes=classes), "tile_cosine_distance": shift, "slide_id": slide_id, "fold": record["fold"], "label": record["label"], "label_idx": list(classes).index(record["label"]), "n_tiles": len(clean), "k": len(index)})
-    columns = ["slide_id", "fold", "label", "label_idx", "n_tiles", "k"]
+        marking = threat_marking(replaced[slide_id].attrs["attack"])
+        rows.append({**_score(model, clean, attacked, index=index, classes=classes), "tile_cosine_distance": shift, "slide_id": slide_id, "fold": record["fold"], "label": record["label"], "label_idx": list(classes).index(record["label"]), "n_tiles": len(clean), "k": len(index), **marking})
+    columns = ["slide_id", "fold", "label", "label_idx", "n_tiles", "k", *MARKING_COLUMNS]
     table = pd.DataFrame(rows)
     return table[columns + [c for c in table.columns if c not in columns]]
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from wsiattack import stores
+from wsiattack.attacks.params import threat_marking
 from wsiattack.encoders.model import TileEncoder, embed_tiles
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def reembed_slide(*, slide_id: str, attack_store: str | Path, encoder: TileEncod
     attack = stores.open_store(attack_store, kind=stores.ATTACK)
     index = np.asarray(attack["index"][...])
     features = embed_tiles(encoder, attack["adv_tiles"], batch_size=batch_size, device=device, label=f"{slide_id} (adversarial)")
-    attrs = {"slide_id": slide_id, **encoder.describe(), "attack": attack.attrs["attack"], "device_type": device.type}
+    attrs = {"slide_id": slide_id, **encoder.describe(), "attack": attack.attrs["attack"], **threat_marking(attack.attrs["attack"]), "device_type": device.type}
     with stores.atomic_store(out_store, kind=stores.REEMBEDDED, attrs=attrs) as group:
         stores.write_array(group, "index", index)
         stores.write_array(group, "features", features)

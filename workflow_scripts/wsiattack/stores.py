@@ -5,17 +5,34 @@ Layouts (one zarr v3 group per slide, see README "On-disk layout"):
 - tiles store     ``tiles`` uint8 (N, T, T, 3), ``coords`` int64 (N, 2) level-0 (x, y);
                   attrs ``kind="tiles"`` plus slide identity and the tiling spec.
 - features store  ``features`` float32 (N, D), same order as the tiles; attrs encoder identity.
-- attack store    ``index`` int64 (k,), ``adv_tiles`` uint8 (k, T, T, 3) and per-tile stats
-                  (``linf``, ``l2``, ``objective_before_rounding``, ``objective``); attrs spec, seed.
-- reembedded store  ``index`` int64 (k,), ``features`` float32 (k, D): only the replaced rows.
+- attack store    ``index`` int64 (k,) sorted tile indices; ``adv_tiles`` uint8 (k, T, T, 3);
+                  per tile: ``linf``, ``l2`` float32 (achieved distance of the stored uint8 tile,
+                  pixel units in [0, 1]), ``objective_before_rounding`` and ``objective`` float32
+                  (after uint8 rounding; for ``mil_cross_entropy`` the slide's joint loss),
+                  ``iterations`` int32 (gradient evaluations spent), ``best_step`` int32 (step of
+                  the kept iterate, 0 = the random start), ``selection_score`` float32 (the
+                  selection's score of the tile: NaN for random, attention for attention).
+                  attrs: ``attack`` (the normalised entry incl. name, seed, ``mil``), ``encoder``,
+                  ``n_tiles``, ``k``, ``method_params`` (parameters actually used, ``step_size``
+                  resolved), ``bound`` {norm, eps, radius} (radius in the norm's own units: eps,
+                  or eps·sqrt(C·H·W) for L2), ``selection`` {strategy, probe_tiles,
+                  probe_gradient_evaluations} and ``selection_probe_tiles``, ``label_free`` and
+                  ``threat_model`` ("white-box" label-free, "gray-box" when a MIL head is used:
+                  ``attacks.params.threat_marking``), ``mil_head`` {model, fold} (gray-box only).
+                  A slide skipped for lack of tissue: k = 0 and ``skipped``.
+- reembedded store  ``index`` int64 (k,), ``features`` float32 (k, D): only the replaced rows;
+                  attrs encoder identity, the ``attack`` entry and its ``label_free`` /
+                  ``threat_model`` marking.
 
 Every store is written into a temporary sibling directory and renamed into place, so a killed
-job never leaves a store that looks complete.
+job never leaves a store that looks complete; the next write of the same output removes the
+temporary directory the killed job left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -40,6 +57,10 @@ REEMBEDDED = "reembedded"
 # large enough to keep the number of files per store modest.
 TILES_PER_CHUNK = 16
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+# The tiles array is most of a store's bytes and compressing it was most of tiling's cost beyond
+# decoding the slide: decoded JPEG tissue compresses little losslessly, so tiles get a fast codec
+# (see tests/benchmarks/bench_tiling.py for the speed and size of the alternatives).
+_TILES_COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
 # Our chunks are never all fill value; zarr's per-chunk emptiness check costs as much as
 # compressing (measured by tests/benchmarks/bench_tiling.py), so it is switched off.
 _ARRAY_CONFIG = {"write_empty_chunks": True}
@@ -50,12 +71,26 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
+def _fresh_temp_sibling(path: Path) -> Path:
+    """A new temporary path beside ``path``, after removing the ones a killed writer left.
+
+    Only one job writes a given output at a time (Snakemake locks the directory), so any
+    ``.name.tmp-*`` sibling is debris of an earlier attempt, never work in progress.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path | str) -> Iterator[Path]:
     """Yield a temporary sibling path to write a file to; rename it to ``path`` on success only."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _fresh_temp_sibling(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -67,8 +102,7 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
 def atomic_store(path: Path | str, *, kind: str, attrs: Mapping[str, Any]) -> Iterator[zarr.Group]:
     """Yield a fresh zarr v3 group at a temporary path; rename it to ``path`` on success only."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _fresh_temp_sibling(path)
     try:
         group = zarr.open_group(tmp, mode="w", zarr_format=3)
         group.attrs.update(_json_safe({"kind": kind, "wsiattack_version": __version__, **attrs}))
@@ -119,7 +153,7 @@ def create_tiles_array(group: zarr.Group, *, n_tiles: int, tile_px: int) -> zarr
         shape=(n_tiles, tile_px, tile_px, 3),
         chunks=(TILES_PER_CHUNK, tile_px, tile_px, 3),
         dtype="uint8",
-        compressors=_COMPRESSOR,
+        compressors=_TILES_COMPRESSOR,
         config=_ARRAY_CONFIG,
     )
 

@@ -25,8 +25,10 @@ def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
     """HSV saturation (max - min) / max of a uint8 RGB image, as float32 in [0, 1]."""
-    high = rgb.max(axis=-1)
-    sat = (high - rgb.min(axis=-1)).astype(np.float32)  # uint8 first: no float copy of the image
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    # channel-wise maximum/minimum: numpy's reductions over a last axis of 3 are ~10x slower
+    high = np.maximum(np.maximum(r, g), b)
+    sat = (high - np.minimum(np.minimum(r, g), b)).astype(np.float32)  # uint8 first: no float copy of the image
     sat /= np.maximum(high, 1)
     return sat
 

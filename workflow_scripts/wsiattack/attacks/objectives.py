@@ -4,11 +4,12 @@ An objective is a callable ``(output (k, D), reference (k, ...)) -> (k,)`` per t
 label-free ones compare the perturbed tile's embedding with the clean tile's embedding and need
 neither a label nor the downstream model.
 
-Extension point for oracle objectives (not label-free, e.g. the cross-entropy of a trained MIL
-head on the bag with this tile's feature swapped in): register an ``Objective`` with
-``label_free=False`` whose callable maps the encoder output and a reference (the label, or the
-rest of the bag) to a per-tile value; ``perturb_slide`` then records ``label_free: false`` in the
-attack store. The methods only ever see the callable.
+Oracle objective (not label-free, only when an attack entry asks for it): ``mil_cross_entropy``,
+the slide-level cross-entropy of a trained MIL head against the slide's true label, on the bag
+whose attacked rows are the perturbed tiles' embeddings and whose other rows are the clean
+features. It needs the head, the bag and the rows of the batch, so its callable is bound per
+batch (``oracle.MILHead.objective_for``); the registry entry only names it. How outputs are
+marked (``label_free``, ``threat_model``) is decided in one place: ``params.threat_marking``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from wsiattack.errors import ConfigError
+from wsiattack.attacks.params import ORACLE_OBJECTIVES
+from wsiattack.errors import AttackError, ConfigError
 
 ObjectiveFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -34,16 +36,24 @@ def l2_distance(embedding: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
     return (embedding - clean).norm(dim=-1)
 
 
+def _needs_binding(embedding: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    raise AttackError("objective 'mil_cross_entropy' needs the slide's MIL head and bag: bind it with oracle.MILHead.objective_for")
+
+
 @dataclass(frozen=True)
 class Objective:
     name: str
     fn: ObjectiveFn
-    label_free: bool
+
+    @property
+    def needs_mil_head(self) -> bool:
+        return self.name in ORACLE_OBJECTIVES
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "cosine": Objective("cosine", cosine_distance, label_free=True),
-    "l2": Objective("l2", l2_distance, label_free=True),
+    "cosine": Objective("cosine", cosine_distance),
+    "l2": Objective("l2", l2_distance),
+    "mil_cross_entropy": Objective("mil_cross_entropy", _needs_binding),
 }
 
 

@@ -30,6 +30,7 @@ STEP_SIZE_FACTOR = {"pgd": 2.5, "mifgsm": 2.0}
 
 SELECTIONS = ("random", "vulnerability", "centrality", "attention")
 GRAY_BOX_SELECTIONS = frozenset({"attention"})  # selections that use the downstream model
+ORACLE_OBJECTIVES = frozenset({"mil_cross_entropy"})  # objectives that use it (and the label)
 
 METHOD_PARAMS = frozenset(key for defaults in METHOD_DEFAULTS.values() for key in defaults)
 
@@ -59,6 +60,35 @@ def normalise_attack(entry: Mapping[str, Any], *, where: str) -> dict[str, Any]:
     out = copy.deepcopy(dict(entry))
     out.update(method_params(entry, where=where, strict=True))
     return out
+
+
+def uses_mil_head(entry: Mapping[str, Any]) -> bool:
+    """Whether the attack needs a trained MIL head (and so its fold's checkpoint and splits)."""
+    return entry.get("selection") in GRAY_BOX_SELECTIONS or entry.get("objective") in ORACLE_OBJECTIVES
+
+
+def threat_marking(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The one definition of how an attack's outputs are marked (store attrs, eval CSV, summary).
+
+    An attack that uses the downstream head (attention selection or an oracle objective) is not
+    label-free and is gray-box; the label-free ones only need the encoder (white-box on it).
+    """
+    label_free = not uses_mil_head(entry)
+    return {"label_free": label_free, "threat_model": "white-box" if label_free else "gray-box"}
+
+
+def resolve_mil(entry: dict[str, Any], *, mil_models: list[str], where: str) -> None:
+    """Fill ``mil`` (default: the first of mil.models) for the attacks that use a head, check it."""
+    if not uses_mil_head(entry):
+        if entry.get("mil") is not None:
+            raise ConfigError(f"config: {where}.mil: only attacks with selection 'attention' or objective 'mil_cross_entropy' use a MIL head; remove it")
+        entry.pop("mil", None)
+        return
+    if entry.get("objective") in ORACLE_OBJECTIVES and entry.get("selection") == "vulnerability":
+        raise ConfigError(f"config: {where}.selection: the vulnerability probe scores tiles one by one and cannot use objective {entry['objective']!r}; use random, centrality or attention")
+    entry["mil"] = entry.get("mil") or mil_models[0]
+    if entry["mil"] not in mil_models:
+        raise ConfigError(f"config: {where}.mil: {entry['mil']!r} is not one of mil.models ({', '.join(mil_models)})")
 
 
 def _refuse_foreign(entry: Mapping[str, Any], *, method: str, where: str) -> None:

@@ -4,7 +4,14 @@ The attack store holds, per perturbed tile: ``index``, ``adv_tiles``, achieved `
 ``l2`` (of the stored uint8 tile), ``objective_before_rounding``, ``objective`` (after
 rounding), ``iterations`` (gradient evaluations), ``best_step`` and ``selection_score``; attrs
 record the spec, the method parameters actually used, the bound, the selection and its probe
-cost in tiles, and the threat model.
+cost in tiles, and the threat model (``params.threat_marking``; plus ``mil_head``, the model and
+fold of the head, for the gray-box attacks). The full list is in ``stores``.
+
+Gray-box attacks (selection ``attention``, objective ``mil_cross_entropy``) get ``mil_head``:
+the head of the fold in which the slide is a test slide (``oracle.load_fold_head``); both use
+the slide's clean features store as the bag. The oracle objective is bound per batch of
+``ATTACK_BATCH`` tiles: the other rows of the bag, including the selected tiles of other
+batches, stay at their clean features.
 
 Wall time is logged (per batch and per tile), not stored: the store is a pure function of the
 config, the encoder and the tiles ("same config, same bytes"), so a re-run can be compared
@@ -26,8 +33,9 @@ from wsiattack import stores
 from wsiattack.attacks import selection as sel
 from wsiattack.attacks.budget import slide_rng, tiles_to_attack
 from wsiattack.attacks.methods import Method, build_method
-from wsiattack.attacks.objectives import Objective
-from wsiattack.attacks.params import method_params
+from wsiattack.attacks.objectives import Objective, ObjectiveFn
+from wsiattack.attacks.oracle import MILHead
+from wsiattack.attacks.params import method_params, threat_marking, uses_mil_head
 from wsiattack.encoders.model import TileEncoder, channels_first, to_unit_pixels
 from wsiattack.errors import AttackError, StoreError
 
@@ -46,13 +54,13 @@ def perturb_slide(
     out_store: str | Path,
     device: torch.device,
     features_store: str | Path | None = None,
-    attention_scores: np.ndarray | None = None,
+    mil_head: MILHead | None = None,
 ) -> int:
     """Attack ``k`` tiles of one slide with ``spec`` (a normalised attack entry); return k.
 
     ``features_store`` (clean features of this slide and encoder) is required by the
-    ``centrality`` selection and spares ``vulnerability`` a forward pass per tile;
-    ``attention_scores`` (N,) from a trained MIL head is required by ``attention``.
+    ``centrality`` selection and the gray-box attacks, and spares ``vulnerability`` a forward
+    pass per tile; ``mil_head`` (``oracle.load_fold_head``) is required by the gray-box attacks.
     """
     spec = dict(spec)
     tiles = stores.open_store(tiles_store, kind=stores.TILES)["tiles"]
@@ -60,25 +68,26 @@ def perturb_slide(
     method, objective = build_method(spec)
     k = tiles_to_attack(n_tiles, **spec["budget"])
     if k == 0:  # a slide left empty by tiling.skip_empty: nothing to attack, say so in the store
-        attrs = {"slide_id": slide_id, "attack": spec, "n_tiles": 0, "k": 0, "skipped": "no tissue"}
+        attrs = {"slide_id": slide_id, "attack": spec, "n_tiles": 0, "k": 0, "skipped": "no tissue", **threat_marking(spec)}
         with stores.atomic_store(out_store, kind=stores.ATTACK, attrs=attrs) as group:
             stores.write_array(group, "index", np.empty(0, dtype=np.int64))
             stores.write_tile_batch(group, "adv_tiles", np.empty((0, *tiles.shape[1:]), dtype=np.uint8))
         return 0
     encoder = encoder.to(device).eval()
     rng = slide_rng(spec["seed"], slide_id)
-    context = _SelectionContext(slide_id=slide_id, tiles=tiles, encoder=encoder, method=method, objective=objective, device=device, features_store=features_store, attention_scores=attention_scores, seed=spec["seed"])
+    context = _SelectionContext(slide_id=slide_id, tiles=tiles, encoder=encoder, method=method, objective=objective, device=device, features_store=features_store, mil_head=_checked_head(mil_head, spec=spec, slide_id=slide_id), seed=spec["seed"])
     chosen = _select(spec["selection"], k=k, rng=rng, context=context)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    objective_of = _objective_binder(objective, context=context, index=chosen.index)
 
     started = time.perf_counter()
     clean_uint8 = np.asarray(tiles.get_orthogonal_selection((chosen.index,)))  # one read of k tiles
-    batches = [_attack_batch(encoder, clean_uint8[s : s + ATTACK_BATCH], method=method, objective=objective, generator=generator, device=device, label=f"{slide_id}[{s}:{s + ATTACK_BATCH}]") for s in range(0, k, ATTACK_BATCH)]
+    batches = [_attack_batch(encoder, clean_uint8[s : s + ATTACK_BATCH], method=method, objective_fn=objective_of(s), generator=generator, device=device, label=f"{slide_id}[{s}:{s + ATTACK_BATCH}]") for s in range(0, k, ATTACK_BATCH)]
     merged = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
     seconds = time.perf_counter() - started
     log.info("%s: attacked %d/%d tiles with %s in %.1f s (%.2f s/tile); mean objective %.4f before, %.4f after rounding", slide_id, k, n_tiles, spec.get("name", spec["method"]), seconds, seconds / k, merged["objective_before_rounding"].mean(), merged["objective"].mean())
 
-    attrs = _attrs(slide_id=slide_id, spec=spec, encoder=encoder, method=method, objective=objective, n_tiles=n_tiles, chosen=chosen, clean=clean_uint8)
+    attrs = _attrs(slide_id=slide_id, spec=spec, encoder=encoder, method=method, n_tiles=n_tiles, chosen=chosen, clean=clean_uint8, mil_head=context.mil_head)
     with stores.atomic_store(out_store, kind=stores.ATTACK, attrs=attrs) as group:
         stores.write_array(group, "index", chosen.index)
         stores.write_tile_batch(group, "adv_tiles", merged.pop("adv_tiles"))
@@ -91,15 +100,21 @@ def perturb_slide(
 class _SelectionContext:
     """Everything a selection strategy may need, gathered once per slide."""
 
-    def __init__(self, *, slide_id: str, tiles, encoder: TileEncoder, method: Method, objective: Objective, device: torch.device, features_store: str | Path | None, attention_scores: np.ndarray | None, seed: int):
+    def __init__(self, *, slide_id: str, tiles, encoder: TileEncoder, method: Method, objective: Objective, device: torch.device, features_store: str | Path | None, mil_head: MILHead | None, seed: int):
         self.slide_id, self.tiles, self.encoder, self.method, self.objective = slide_id, tiles, encoder, method, objective
-        self.device, self.features_store, self.attention_scores, self.seed = device, features_store, attention_scores, seed
+        self.device, self.features_store, self.mil_head, self.seed = device, features_store, mil_head, seed
+        self._features: np.ndarray | None = None
 
     def features(self, *, required_by: str | None) -> np.ndarray | None:
-        """The slide's clean features, checked against the tiles and the encoder."""
+        """The slide's clean features, checked against the tiles and the encoder (read once)."""
+        if self._features is None:
+            self._features = self._read_features(required_by=required_by)
+        return self._features
+
+    def _read_features(self, *, required_by: str | None) -> np.ndarray | None:
         if self.features_store is None:
             if required_by:
-                raise AttackError(f"{self.slide_id}: selection {required_by!r} needs the clean features store of this slide: pass features_store")
+                raise AttackError(f"{self.slide_id}: {required_by} needs the clean features store of this slide: pass features_store")
             return None
         group = stores.open_store(self.features_store, kind=stores.FEATURES)
         if group.attrs.get("weights_id") != self.encoder.weights_id:
@@ -114,7 +129,7 @@ def _select(strategy: str, *, k: int, rng: np.random.Generator, context: _Select
     if strategy == "random":
         return sel.random_selection(context.tiles.shape[0], k=k, rng=rng)
     if strategy == "centrality":
-        return sel.top_k_selection(sel.centrality_scores(context.features(required_by="centrality")), k=k, what=f"{context.slide_id}: centrality")
+        return sel.top_k_selection(sel.centrality_scores(context.features(required_by="selection 'centrality'")), k=k, what=f"{context.slide_id}: centrality")
     if strategy == "attention":
         return _attention_selection(context, k=k)
     if strategy == "vulnerability":
@@ -123,12 +138,28 @@ def _select(strategy: str, *, k: int, rng: np.random.Generator, context: _Select
 
 
 def _attention_selection(context: _SelectionContext, *, k: int) -> sel.Selection:
-    scores = context.attention_scores
-    if scores is None:
-        raise AttackError(f"{context.slide_id}: selection 'attention' needs the MIL head's attention scores of this slide: pass attention_scores")
-    if np.shape(scores) != (context.tiles.shape[0],):
-        raise AttackError(f"{context.slide_id}: attention_scores has shape {np.shape(scores)}, expected ({context.tiles.shape[0]},), one per tile")
+    features = context.features(required_by="selection 'attention'")
+    context.mil_head.check_bag(features.shape[1], where=str(context.features_store))
+    scores = sel.attention_scores(head=context.mil_head.module, bag=features)
     return sel.top_k_selection(scores, k=k, what=f"{context.slide_id}: attention")
+
+
+def _checked_head(mil_head: MILHead | None, *, spec: Mapping[str, Any], slide_id: str) -> MILHead | None:
+    if uses_mil_head(spec) and mil_head is None:
+        raise AttackError(f"{slide_id}: attack {spec.get('name', '?')!r} (selection {spec['selection']!r}, objective {spec.get('objective')!r}) needs the trained MIL head of the slide's test fold: pass mil_head")
+    return mil_head
+
+
+def _objective_binder(objective: Objective, *, context: _SelectionContext, index: np.ndarray):
+    """batch start -> the objective callable of that batch (the oracle's depends on the batch's rows)."""
+    if not objective.needs_mil_head:
+        return lambda start: objective.fn
+    features = context.features(required_by=f"objective {objective.name!r}")
+    context.mil_head.check_bag(features.shape[1], where=str(context.features_store))
+    context.mil_head.module.to(context.device)
+    bag = torch.as_tensor(features, dtype=torch.float32, device=context.device)
+    rows = torch.as_tensor(index, device=context.device)
+    return lambda start: context.mil_head.objective_for(bag=bag, rows=rows[start : start + ATTACK_BATCH])
 
 
 def _vulnerability_selection(context: _SelectionContext, *, k: int) -> sel.Selection:
@@ -140,16 +171,16 @@ def _vulnerability_selection(context: _SelectionContext, *, k: int) -> sel.Selec
     return chosen
 
 
-def _attack_batch(encoder: TileEncoder, clean_uint8: np.ndarray, *, method: Method, objective: Objective, generator: torch.Generator, device: torch.device, label: str) -> dict[str, np.ndarray]:
+def _attack_batch(encoder: TileEncoder, clean_uint8: np.ndarray, *, method: Method, objective_fn: ObjectiveFn, generator: torch.Generator, device: torch.device, label: str) -> dict[str, np.ndarray]:
     started = time.perf_counter()
     clean = to_unit_pixels(clean_uint8).to(device)
     with torch.no_grad():
         reference = encoder(clean).float()
-    outcome = method(encoder=encoder, clean=clean, reference=reference, generator=generator, objective=objective.fn)
+    outcome = method(encoder=encoder, clean=clean, reference=reference, generator=generator, objective=objective_fn)
     clean_levels = channels_first(clean_uint8).to(device)
     adv_uint8 = method.ball.quantize(outcome.adversarial, clean_levels)
     with torch.no_grad():
-        after_rounding = objective.fn(encoder(adv_uint8.float() / 255).float(), reference)
+        after_rounding = objective_fn(encoder(adv_uint8.float() / 255).float(), reference)
     delta = (adv_uint8.float() - clean_levels.float()).flatten(1) / 255  # exact grey-level steps
     log.info("%s: %d tiles in %.2f s (%.2f s/tile, %d gradient evaluations each)", label, len(clean), time.perf_counter() - started, (time.perf_counter() - started) / len(clean), int(outcome.iterations[0]))
     return {
@@ -163,15 +194,14 @@ def _attack_batch(encoder: TileEncoder, clean_uint8: np.ndarray, *, method: Meth
     }
 
 
-def _attrs(*, slide_id: str, spec: dict[str, Any], encoder: TileEncoder, method: Method, objective: Objective, n_tiles: int, chosen: sel.Selection, clean: np.ndarray) -> dict[str, Any]:
-    gray_box = spec["selection"] in sel.GRAY_BOX
+def _attrs(*, slide_id: str, spec: dict[str, Any], encoder: TileEncoder, method: Method, n_tiles: int, chosen: sel.Selection, clean: np.ndarray, mil_head: MILHead | None) -> dict[str, Any]:
     radius = method.ball.radius_for(int(np.prod(clean.shape[1:])))
+    head = {"mil_head": mil_head.provenance} if mil_head is not None and uses_mil_head(spec) else {}
     return {
         "slide_id": slide_id, "attack": spec, "encoder": encoder.describe(), "n_tiles": n_tiles, "k": len(chosen.index),
         "method_params": method_params(spec, where=f"attacks.{spec.get('name', '?')}", strict=False),
         "bound": {"norm": method.ball.norm, "eps": method.ball.eps, "radius": radius},
         "selection": {"strategy": spec["selection"], "probe_tiles": chosen.probe_tiles, "probe_gradient_evaluations": chosen.probe_evaluations},
         "selection_probe_tiles": chosen.probe_tiles,
-        "label_free": objective.label_free and not gray_box,
-        "threat_model": "gray-box" if gray_box or not objective.label_free else "white-box",
+        **threat_marking(spec), **head,
     }

@@ -9,8 +9,9 @@
   given), i.e. more than clean extraction: its cost is reported separately.
 - ``centrality`` (label-free): the tiles whose clean embedding is closest (Euclidean) to the
   slide's mean embedding, the ones a mean-like pooling leans on; needs the clean features.
-- ``attention`` (gray-box oracle): the top attention scores of a trained MIL head; attack stores
-  made with it say ``label_free: false`` and ``threat_model: gray-box``.
+- ``attention`` (gray-box oracle): the top attention scores of the trained MIL head of the fold in
+  which the slide is a test slide (``oracle.load_fold_head``) on the slide's clean bag; attack
+  stores made with it say ``label_free: false`` and ``threat_model: gray-box``.
 
 Scores are "higher = attack first"; ties go to the lower tile index, so selection is
 deterministic.
@@ -32,6 +33,7 @@ from wsiattack.attacks.objectives import ObjectiveFn
 from wsiattack.attacks.params import GRAY_BOX_SELECTIONS, SELECTIONS  # noqa: F401  (re-exported)
 from wsiattack.encoders.model import iter_batches, to_unit_pixels
 from wsiattack.errors import AttackError
+from wsiattack.mil.training import predict_bag
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,12 @@ def centrality_scores(features: np.ndarray) -> np.ndarray:
     """−‖f_i − mean‖₂: the tiles nearest the slide's mean embedding score highest."""
     features = np.asarray(features, dtype=np.float64)
     return -np.linalg.norm(features - features.mean(axis=0), axis=1)
+
+
+def attention_scores(*, head: nn.Module, bag: np.ndarray) -> np.ndarray:
+    """The trained head's attention on each tile of the clean bag (N,): where it looks most."""
+    _, attention = predict_bag(head, torch.as_tensor(np.asarray(bag), dtype=torch.float32))
+    return attention
 
 
 @dataclass(frozen=True)

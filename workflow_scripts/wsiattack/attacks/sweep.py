@@ -7,7 +7,7 @@ Shape (``methods`` and ``eps`` required)::
       eps: ["1/255", "4/255", 0.03]      # per-value bounds, numbers or "a/b"
       fractions: [0.001, 0.01]           # budget.fraction values        (default [0.001])
       selections: [random]               # tile selections               (default [random])
-      base: {objective: cosine, seed: 0, budget: {min_tiles: 1}, steps: 20}
+      base: {objective: cosine, seed: 0, budget: {min_tiles: 1}, steps: 20, mil: abmil}
       params: {cw: {binary_search_steps: 3}}
       prefix: ""                         # prepended to every name       (default "")
 
@@ -15,8 +15,11 @@ Every combination method × eps × fraction × selection becomes one entry named
 ``{prefix}{method}_eps{eps·255}_f{fraction}_{selection}``, e.g. ``pgd_eps4_f0.001_random``
 (eps written in 255ths with at most two decimals). ``base`` holds keys shared by every entry;
 a method parameter in ``base`` (``steps``) goes to the methods that have it and is skipped for
-the others; ``params.<method>`` overrides it for one method. Entries come out normalised
-(method defaults filled, ``step_size`` resolved), in the order of the lists.
+the others; ``params.<method>`` overrides it for one method; ``mil`` goes to the entries that use
+a MIL head (selection ``attention``, objective ``mil_cross_entropy``). Every entry is checked
+against the schema's ``$defs/attack`` like an entry under ``attacks`` (an error names the
+generated entry and the key) and comes out normalised (defaults filled, ``step_size`` resolved),
+in the order of the lists.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ import itertools
 from collections.abc import Mapping
 from typing import Any
 
-from wsiattack.attacks.params import METHOD_DEFAULTS, METHOD_PARAMS, SELECTIONS, normalise_attack
+from wsiattack.attacks.params import METHOD_DEFAULTS, METHOD_PARAMS, SELECTIONS, uses_mil_head
 from wsiattack.errors import ConfigError
 
 SWEEP_KEYS = {"methods", "eps", "fractions", "selections", "base", "params", "prefix"}
-_BASE_KEYS = {"objective", "seed", "budget"}  # besides method parameters
+_BASE_KEYS = {"objective", "seed", "budget", "mil"}  # besides method parameters
 _SET_BY_GRID = {"method": "methods", "eps": "eps", "selection": "selections"}
 _GRID_DEFAULTS = {"fractions": [0.001], "selections": ["random"]}
 
@@ -46,7 +49,7 @@ def expand_sweep(sweep: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         if name in entries:
             raise ConfigError(f"config: sweep.eps: {spelled!r} gives the same name {name!r} as another eps value; list each bound once")
         entry = _entry(sweep, method=method, eps=eps, fraction=fraction, selection=selection)
-        entries[name] = normalise_attack(entry, where=f"sweep ({name})")
+        entries[name] = _check_entry(entry, where=f"sweep ({name})")
     return entries
 
 
@@ -57,6 +60,8 @@ def _entry(sweep: Mapping[str, Any], *, method: str, eps: float, fraction: float
     entry.update(copy.deepcopy(dict(sweep.get("params", {}).get(method, {}))))
     entry.update(method=method, eps=eps, selection=selection)
     entry["budget"] = {**entry.get("budget", {}), "fraction": float(fraction)}
+    if not uses_mil_head(entry):
+        entry.pop("mil", None)  # shared by the grid, used only where a head ranks or scores
     return entry
 
 
@@ -100,6 +105,12 @@ def _check_members(values: list[Any], *, allowed: Any, where: str) -> None:
     for i, value in enumerate(values):
         if value not in allowed:
             raise ConfigError(f"config: {where}[{i}]: unknown {value!r} (known: {', '.join(allowed)})")
+
+
+def _check_entry(entry: dict[str, Any], *, where: str) -> dict[str, Any]:
+    from wsiattack.config import check_attack_entry  # lazy: wsiattack.config calls expand_sweep
+
+    return check_attack_entry(entry, where=where)
 
 
 def _pixel_fraction(value: float | str, *, where: str) -> float:

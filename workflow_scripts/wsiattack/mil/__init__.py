@@ -1,7 +1,8 @@
 """MIL slide classifiers: models, cross-validation splits, training and checkpoints."""
 
+from typing import Any
+
 from wsiattack.mil.models import MIL_MODELS, GatedABMIL, build_mil_model
-from wsiattack.mil.splits import make_splits
 from wsiattack.mil.training import (
     MILTrainingSpec,
     load_mil_checkpoint,
@@ -21,3 +22,13 @@ __all__ = [
     "save_mil_checkpoint",
     "train_mil",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: splits need pandas and scikit-learn, which the perturb rule's environment (it loads
+    # heads for the gray-box oracle) does not have.
+    if name == "make_splits":
+        from wsiattack.mil.splits import make_splits
+
+        return make_splits
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,82 @@
+"""Cluster profile: resource sizing from benchmark files, the SLURM profile's shape, and the stores'
+clean-up of what killed jobs leave behind."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from wsiattack import cluster, stores
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
+HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def write_benchmark(path: Path, *, wall_s: float, rss_mb: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(HEADER + f"{wall_s}\t0:00:01\t{rss_mb}\t1\t1\t1\t0\t0\t50\t1\n")
+
+
+def test_sizes_follow_the_worst_job_of_each_rule(tmp_path):
+    write_benchmark(tmp_path / "extract" / "a.tsv", wall_s=100, rss_mb=900)
+    write_benchmark(tmp_path / "extract" / "b.tsv", wall_s=700, rss_mb=2100)
+    write_benchmark(tmp_path / "tile" / "a.tsv", wall_s=3, rss_mb=150)
+    usage = {u.rule: u for u in cluster.read_benchmarks(tmp_path)}
+    assert usage["extract"].n_jobs == 2 and usage["extract"].max_rss_mb == 2100 and usage["extract"].max_wall_s == 700
+    extract = cluster.size_rule(usage["extract"], gpu=True)
+    assert extract.mem_mb == 3500  # 1.5 x 2100 = 3150, up to the next 500 MB
+    assert extract.runtime_min == 35  # 3 x 700 s
+    tile = cluster.size_rule(usage["tile"], gpu=False)
+    assert (tile.mem_mb, tile.runtime_min) == (cluster.MEM_FLOOR_MB, cluster.RUNTIME_FLOOR_MIN)
+
+
+def test_no_benchmarks_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="No benchmark files"):
+        cluster.read_benchmarks(tmp_path)
+
+
+def test_gpu_rules_are_read_from_the_rules():
+    assert cluster.gpu_rules(ROOT / "rules") == {"extract", "perturb", "reembed"}
+
+
+def test_profile_block_is_replaced_and_the_rest_kept(tmp_path):
+    write_benchmark(tmp_path / "bench" / "perturb" / "a.tsv", wall_s=10, rss_mb=900)
+    profile = tmp_path / "config.yaml"
+    profile.write_text(PROFILE.read_text())
+    cluster.main([str(tmp_path / "bench"), str(profile), "--gpu-partition", "a100"])
+    text = profile.read_text()
+    assert text.replace(re.search(r"# BEGIN.*# END cluster-resources", text, re.S).group(0), "") == PROFILE.read_text().replace(
+        re.search(r"# BEGIN.*# END cluster-resources", PROFILE.read_text(), re.S).group(0), ""
+    )
+    assert yaml.safe_load(text)["set-resources"] == {"perturb": {"mem_mb": "1500 * attempt", "runtime": "10 * attempt", "slurm_partition": "a100"}}
+
+
+def test_slurm_profile_sizes_every_rule_and_sends_gpu_rules_to_the_gpu_partition():
+    profile = yaml.safe_load(PROFILE.read_text())
+    assert profile["executor"] == "slurm" and profile["retries"] >= 1
+    assert profile["slurm-status-command"] == "squeue"
+    rules = set(re.findall(r"^(?:rule|checkpoint) (\w+):", "\n".join(p.read_text() for p in (ROOT / "rules").glob("*.smk")), re.M))
+    sized = profile["set-resources"]
+    assert set(sized) <= rules and cluster.gpu_rules(ROOT / "rules") <= set(sized)
+    for rule, resources in sized.items():
+        assert "attempt" in str(resources["mem_mb"]) and "attempt" in str(resources["runtime"])  # retries grow them
+        assert (resources.get("slurm_partition") == "gpu") == (rule in cluster.gpu_rules(ROOT / "rules"))
+    # retries grow memory with the attempt number, as Snakemake evaluates the expression
+    assert eval(str(sized["extract"]["mem_mb"]), {"attempt": 2}) == 2 * eval(str(sized["extract"]["mem_mb"]), {"attempt": 1})
+
+
+def test_a_killed_writers_debris_is_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "slide.zarr"
+    debris_dir = tmp_path / ".slide.zarr.tmp-deadbeef"
+    (debris_dir / "tiles").mkdir(parents=True)
+    debris_file = tmp_path / ".slide.zarr.tmp-0badf00d"
+    debris_file.write_text("half")
+    neighbour = tmp_path / ".other.zarr.tmp-12345678"  # another output's temp: not ours to remove
+    neighbour.mkdir()
+    with stores.atomic_store(target, kind=stores.FEATURES, attrs={"slide_id": "s"}) as group:
+        group.create_array("features", data=np.zeros((2, 3), np.float32))
+    assert not debris_dir.exists() and not debris_file.exists() and neighbour.exists()
+    assert stores.open_store(target, kind=stores.FEATURES)["features"].shape == (2, 3)

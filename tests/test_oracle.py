@@ -1,0 +1,204 @@
+"""The gray-box oracle: the fold's MIL head ranks tiles (attention) or scores the bag (slide
+cross-entropy); its outputs are marked; the workflow makes only these attacks wait for the heads."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from wsiattack import stores
+from wsiattack.attacks.oracle import MILHead, load_fold_head
+from wsiattack.attacks.params import normalise_attack, threat_marking
+from wsiattack.attacks.perturb import perturb_slide
+from wsiattack.attacks.selection import attention_scores, top_k_selection
+from wsiattack.errors import AttackError, StoreError
+from wsiattack.evaluation import evaluate_attack
+from wsiattack.encoders.model import build_encoder
+from wsiattack.extraction import extract_slide, reembed_slide
+from wsiattack.mil import GatedABMIL, save_mil_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+CLASSES = ["normal", "tumor"]
+N_TILES, K = 12, 3
+DIM = 192  # the demo encoder's embedding
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def head(seed: int, *, reverse: bool = False) -> GatedABMIL:
+    """A seeded untrained head; ``reverse`` flips the sign of its attention logits (and ranking)."""
+    torch.manual_seed(seed)
+    module = GatedABMIL(in_dim=DIM, n_classes=2, hidden_dim=16, attention_dim=8, dropout=0.0).eval()
+    if reverse:
+        with torch.no_grad():
+            module.attention_w.weight.neg_()
+            module.attention_w.bias.neg_()
+    return module
+
+
+def fold_head(fold: int) -> GatedABMIL:
+    """Fold 1 ranks tiles in the opposite order to fold 0: picking the wrong fold shows."""
+    return head(seed=1, reverse=fold == 0)
+
+
+@pytest.fixture
+def slide(tmp_path):
+    """Tiles store, clean features store (demo encoder) and the encoder of one 12-tile slide 's1'."""
+    rng = np.random.default_rng(0)
+    tiles = np.clip(rng.permutation(np.linspace(40, 200, N_TILES))[:, None, None, None] + rng.normal(0, 12, (N_TILES, 32, 32, 3)), 0, 255).astype(np.uint8)
+    with stores.atomic_store(tmp_path / "tiles.zarr", kind=stores.TILES, attrs={"slide_id": "s1"}) as group:
+        stores.create_tiles_array(group, n_tiles=N_TILES, tile_px=32)[...] = tiles
+    encoder = build_encoder("demo")
+    extract_slide(slide_id="s1", tiles_store=tmp_path / "tiles.zarr", encoder=encoder, batch_size=16, device=CPU, out_store=tmp_path / "features.zarr")
+    features = np.asarray(stores.open_store(tmp_path / "features.zarr", kind=stores.FEATURES)["features"][...])
+    return tmp_path / "tiles.zarr", tmp_path / "features.zarr", encoder, features
+
+
+@pytest.fixture
+def fold_heads(tmp_path):
+    """Two folds' checkpoints; 's1' is a test slide of fold 1 (label tumor), 's2' of fold 0."""
+    pd.DataFrame({"slide_id": ["s1", "s2"], "label": ["tumor", "normal"], "patient_id": ["s1", "s2"], "fold": [1, 0]}).to_csv(tmp_path / "splits.csv", index=False)
+    paths = []
+    for fold, train in ((0, ["s1"]), (1, ["s2"])):
+        path = tmp_path / "mil" / f"fold{fold}" / "model.safetensors"
+        save_mil_checkpoint(path, model=fold_head(fold), meta={"fold": fold, "classes": CLASSES, "train_slides": train})
+        paths.append(path)
+    return tmp_path / "splits.csv", paths
+
+
+def spec(**changes):
+    entry = {"name": "x", "method": "pgd", "objective": "cosine", "eps": 8 / 255, "budget": {"fraction": K / N_TILES, "min_tiles": 1}, "selection": "random", "seed": 0, **changes}
+    if entry["selection"] == "attention" or entry["objective"] == "mil_cross_entropy":
+        entry["mil"] = "abmil"
+    return normalise_attack(entry, where="attacks.x")
+
+
+def perturb(tmp_path, slide, entry, name, **kwargs):
+    tiles, features, encoder, _ = slide
+    perturb_slide(slide_id="s1", tiles_store=tiles, encoder=encoder, spec=entry, out_store=tmp_path / name, device=CPU, features_store=features, **kwargs)
+    return stores.open_store(tmp_path / name, kind=stores.ATTACK)
+
+
+def slide_cross_entropy(module, bag, *, target):
+    with torch.no_grad():
+        logits, _ = module(torch.as_tensor(bag, dtype=torch.float32))
+    return float(F.cross_entropy(logits[None], torch.tensor([target])))
+
+
+def test_the_head_is_the_one_of_the_slides_test_fold(fold_heads, tmp_path):
+    splits, paths = fold_heads
+    loaded = load_fold_head(slide_id="s1", splits_csv=splits, model_paths=paths)
+    assert loaded.provenance == {"model": "abmil", "fold": 1} and loaded.target == CLASSES.index("tumor")
+    torch.testing.assert_close(loaded.module.state_dict(), fold_head(1).state_dict())
+    assert not any(p.requires_grad for p in loaded.module.parameters())
+    with pytest.raises(AttackError, match="test slide of fold 1, but 0 of the 1 MIL checkpoints"):
+        load_fold_head(slide_id="s1", splits_csv=splits, model_paths=paths[:1])
+    with pytest.raises(AttackError, match="s3: not in"):
+        load_fold_head(slide_id="s3", splits_csv=splits, model_paths=paths)
+    save_mil_checkpoint(paths[1], model=fold_head(1), meta={"fold": 1, "classes": CLASSES, "train_slides": ["s1"]})
+    with pytest.raises(StoreError, match="re-run train_mil"):  # a head that saw the slide is refused
+        load_fold_head(slide_id="s1", splits_csv=splits, model_paths=paths)
+
+
+def test_attention_selection_picks_the_folds_top_attention_tiles_and_is_marked(tmp_path, slide, fold_heads):
+    splits, paths = fold_heads
+    _, _, _, features = slide
+    mil_head = load_fold_head(slide_id="s1", splits_csv=splits, model_paths=paths)
+    store = perturb(tmp_path, slide, spec(selection="attention"), "att.zarr", mil_head=mil_head)
+    expected = top_k_selection(attention_scores(head=fold_head(1), bag=features), k=K, what="t").index
+    other_fold = top_k_selection(attention_scores(head=fold_head(0), bag=features), k=K, what="t").index
+    assert not np.array_equal(expected, other_fold)  # the choice of fold matters on this slide
+    np.testing.assert_array_equal(store["index"][...], expected)
+    np.testing.assert_allclose(store["selection_score"][...], attention_scores(head=fold_head(1), bag=features)[expected], rtol=1e-6)
+    assert store.attrs["label_free"] is False and store.attrs["threat_model"] == "gray-box"
+    assert store.attrs["mil_head"] == {"model": "abmil", "fold": 1}
+    with pytest.raises(AttackError, match="needs the trained MIL head of the slide's test fold"):
+        perturb(tmp_path, slide, spec(selection="attention"), "b.zarr")
+
+
+def test_oracle_objective_raises_the_slide_cross_entropy_beyond_noise(tmp_path, slide):
+    _, _, encoder, features = slide
+    target = 0
+    mil_head = MILHead(module=head(seed=3).requires_grad_(False), target=target, provenance={"model": "abmil", "fold": 0})
+    attack = perturb(tmp_path, slide, spec(objective="mil_cross_entropy", steps=10), "ce.zarr", mil_head=mil_head)
+    noise = perturb(tmp_path, slide, spec(objective="mil_cross_entropy", method="noise"), "noise.zarr", mil_head=mil_head)
+    np.testing.assert_array_equal(attack["index"][...], noise["index"][...])  # same seed, same tiles
+    clean = slide_cross_entropy(mil_head.module, features, target=target)
+    reembed_slide(slide_id="s1", attack_store=tmp_path / "ce.zarr", encoder=encoder, batch_size=16, device=CPU, out_store=tmp_path / "re.zarr")
+    replaced = stores.open_store(tmp_path / "re.zarr", kind=stores.REEMBEDDED)
+    bag = features.copy()
+    bag[np.asarray(replaced["index"][...])] = np.asarray(replaced["features"][...])
+    attacked = slide_cross_entropy(mil_head.module, bag, target=target)
+    np.testing.assert_allclose(attack["objective"][...], attacked, rtol=1e-4)  # one joint value: the bag's loss
+    assert attacked - clean > 10 * abs(float(noise["objective"][0]) - clean) > 0  # the noise control barely moves it
+    assert attack.attrs["label_free"] is False and attack.attrs["threat_model"] == "gray-box"
+    assert attack.attrs["mil_head"] == {"model": "abmil", "fold": 0}
+
+
+def test_threat_marking_is_decided_by_the_entry_alone():
+    assert threat_marking({"selection": "random", "objective": "cosine"}) == {"label_free": True, "threat_model": "white-box"}
+    assert threat_marking({"selection": "attention", "objective": "l2"}) == {"label_free": False, "threat_model": "gray-box"}
+    assert threat_marking({"selection": "centrality", "objective": "mil_cross_entropy"}) == {"label_free": False, "threat_model": "gray-box"}
+
+
+def test_evaluation_rows_carry_the_marking(tmp_path, slide, fold_heads):
+    splits, paths = fold_heads
+    tiles, features_store, encoder, _ = slide
+    pd.read_csv(splits).query("slide_id == 's1'").to_csv(tmp_path / "s1_split.csv", index=False)
+    mil_head = load_fold_head(slide_id="s1", splits_csv=splits, model_paths=paths)
+    for name, entry in (("att", spec(selection="attention")), ("rnd", spec())):
+        perturb(tmp_path, slide, entry, f"{name}.zarr", mil_head=mil_head)
+        reembed_slide(slide_id="s1", attack_store=tmp_path / f"{name}.zarr", encoder=encoder, batch_size=16, device=CPU, out_store=tmp_path / name / "s1.zarr")
+        table = evaluate_attack(splits_csv=tmp_path / "s1_split.csv", model_paths=paths[1:], feature_stores=[_named(features_store, tmp_path)], reembedded_stores=[tmp_path / name / "s1.zarr"], classes=CLASSES)
+        expected = (False, "gray-box") if name == "att" else (True, "white-box")
+        assert tuple(table.loc[0, ["label_free", "threat_model"]]) == expected
+        reembedded = stores.open_store(tmp_path / name / "s1.zarr", kind=stores.REEMBEDDED).attrs
+        assert (reembedded["label_free"], reembedded["threat_model"]) == expected
+
+
+def _named(features_store, tmp_path):
+    """Evaluation finds a slide's features by the store's name."""
+    target = tmp_path / "features" / "s1.zarr"
+    if not target.exists():
+        target.parent.mkdir()
+        target.symlink_to(features_store)
+    return target
+
+
+# --- the workflow: only gray-box attacks wait for the trained heads ---------------------------------
+
+
+def dry_run_jobs(workdir: Path, target: str) -> dict[str, int]:
+    command = [sys.executable, "-m", "snakemake", "-n", target, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    table = out[out.index("Job stats:") :].split("\n\n")[0].splitlines()[3:]
+    return {rule: int(count) for rule, count in (line.split() for line in table) if rule != "total"}
+
+
+def test_dry_run_attention_attack_waits_for_the_heads_random_does_not(tmp_path):
+    rows = [{"slide_id": f"s{i}", "path": f"s{i}.svs", "label": CLASSES[i % 2]} for i in range(4)]
+    for row in rows:
+        (tmp_path / row["path"]).write_bytes(b"not read by a dry run")
+    pd.DataFrame(rows).to_csv(tmp_path / "samples.csv", index=False)
+    config = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())
+    config.pop("demo")
+    config["samples"] = "samples.csv"
+    config["attacks"] = {
+        "att": {"method": "pgd", "eps": "4/255", "steps": 1, "selection": "attention"},
+        "oracle": {"method": "pgd", "eps": "4/255", "steps": 1, "objective": "mil_cross_entropy"},
+        "rnd": {"method": "pgd", "eps": "4/255", "steps": 1},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    for attack in ("att", "oracle"):
+        jobs = dry_run_jobs(tmp_path, f"results/attacks/{attack}/demo/s0.zarr")
+        assert jobs == {"tile": 4, "extract": 4, "split": 1, "train_mil": 2, "perturb": 1}, jobs
+    assert dry_run_jobs(tmp_path, "results/attacks/rnd/demo/s0.zarr") == {"tile": 1, "perturb": 1}

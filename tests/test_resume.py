@@ -1,0 +1,87 @@
+"""Fault tolerance: kill the tiny run (SIGKILL, the whole process group) in the middle of the
+perturb stage, resume, and check that it finishes, nothing is corrupt and nothing finished is redone.
+
+Slow tier.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zarr
+
+from wsiattack import stores
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+N_PERTURB_JOBS = 12  # tiny config: 6 slides x 2 attacks
+
+
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=2"]
+
+
+def finished_attack_stores(workdir: Path) -> list[Path]:
+    return sorted((workdir / "results" / "attacks").glob("*/demo/*.zarr"))
+
+
+def run_until_perturb_is_half_done(workdir: Path, *, timeout_s: float = 600) -> None:
+    process = subprocess.Popen(snakemake_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(finished_attack_stores(workdir)) < 2:
+            assert process.poll() is None, "the run ended before the perturb stage could be interrupted"
+            assert time.monotonic() < deadline, "perturb stage not reached in time"
+            time.sleep(0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the scheduler and every running job, at once
+        process.wait()
+
+
+def output_mtimes(workdir: Path) -> dict[Path, int]:
+    """Every finished output of the workflow (stores by their zarr.json) and its mtime."""
+    results = workdir / "results"
+    found = {}
+    for path in results.rglob("*"):
+        if path.name.startswith(".") or any(p.startswith(".") for p in path.relative_to(results).parts):
+            continue
+        if path.name == "zarr.json" and path.parent.suffix == ".zarr":
+            found[path.parent] = path.stat().st_mtime_ns
+        elif path.is_file() and ".zarr" not in str(path.relative_to(results)) and "logs" not in path.parts:
+            found[path] = path.stat().st_mtime_ns
+    return found
+
+
+def test_killed_during_perturb_resumes_without_redoing_or_corrupting(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    shutil.copy(ROOT / "tests" / "configs" / "tiny.yaml", workdir / "config.yaml")
+
+    run_until_perturb_is_half_done(workdir)
+    done_before = output_mtimes(workdir)
+    attacks_before = finished_attack_stores(workdir)
+    assert 2 <= len(attacks_before) < N_PERTURB_JOBS
+
+    # What a user does after a crash: release the lock of the dead run, then run again.
+    subprocess.run(snakemake_command(workdir, "--unlock"), check=True, capture_output=True, timeout=120)
+    resumed = subprocess.run(snakemake_command(workdir), capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-6000:]
+
+    done_after = output_mtimes(workdir)
+    redone = [str(p) for p, mtime in done_before.items() if done_after.get(p) != mtime]
+    assert not redone, f"finished outputs were redone: {redone}"
+    assert len(finished_attack_stores(workdir)) == N_PERTURB_JOBS
+    assert not list((workdir / "results").rglob(".*.tmp-*")), "debris of the killed jobs was left behind"
+    for store_path in done_after:
+        if store_path.suffix == ".zarr":  # every chunk of every store decodes
+            group = zarr.open_group(store_path, mode="r")
+            assert group.attrs["kind"] in (stores.TILES, stores.FEATURES, stores.ATTACK, stores.REEMBEDDED)
+            for _, array in group.arrays():
+                array[...]
+    dry = subprocess.run(snakemake_command(workdir, "--dry-run"), capture_output=True, text=True, timeout=120)
+    assert "Nothing to be done" in dry.stdout + dry.stderr

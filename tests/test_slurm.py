@@ -1,0 +1,88 @@
+"""The tiny config through profiles/slurm on a live single-node SLURM (tests/live_slurm.py).
+
+Slow tier. Skipped, with the reason, where SLURM can't be installed or started (`make test`
+installs slurm-wlm and munge with apt-get when it runs as root).
+"""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from live_slurm import LiveSlurm, unavailable_reason
+from wsiattack import stores
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+GPU_RULES = {"extract", "perturb", "reembed"}
+HARD_TIMEOUT_S = 420  # the bar is 5 minutes for the whole test; this kills a hung run
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with LiveSlurm(tmp_path_factory.mktemp("slurm")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tiny_slurm")
+    shutil.copy(ROOT / "tests" / "configs" / "tiny.yaml", workdir / "config.yaml")
+    command = [
+        sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(workdir / "config.yaml"), "--workflow-profile", str(ROOT / "profiles" / "slurm"),
+        # A one-node test cluster answers at once: poll it often instead of the profile's cluster pace.
+        "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=HARD_TIMEOUT_S, cwd=workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return workdir, slurm.jobs()
+
+
+def rule_of(job: dict[str, str]) -> str:
+    """From the plugin's comment, rule_<rule or group job name>[_wildcards_...]."""
+    return job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
+
+
+GROUP_JOB = "attack_tiles_perturb_reembed"  # the profile's group: perturb and reembed of one attack
+
+
+def test_every_job_ran_on_slurm_and_gpu_rules_asked_for_a_gpu(slurm_run):
+    workdir, jobs = slurm_run
+    assert jobs and all(job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" for job in jobs)
+    gpu_jobs = [job for job in jobs if "gres:gpu:1" in job.get("TresPerJob", "")]
+    cpu_jobs = [job for job in jobs if job not in gpu_jobs]
+    gpu_rules = [rule_of(job) for job in gpu_jobs]
+    assert sorted(set(gpu_rules)) == [GROUP_JOB, "extract"]
+    assert gpu_rules.count("extract") == 6 and gpu_rules.count(GROUP_JOB) == 12  # 6 slides; x 2 attacks
+    assert all(job["Partition"] == "gpu" for job in gpu_jobs)
+    assert {rule_of(job) for job in cpu_jobs} >= {"demo_cohort", "tile", "split", "train_mil", "evaluate", "summarize"}
+    assert all(job["Partition"] == "cpu" and "gpu" not in job.get("TresPerJob", "") for job in cpu_jobs)
+    # the profile's sizes reached SLURM: tile asks for its sized memory on attempt 1
+    tile_job = next(job for job in cpu_jobs if rule_of(job) == "tile")
+    assert "mem=1000M" in tile_job["TRES"]
+
+
+def test_outputs_are_complete_and_consistent(slurm_run):
+    workdir, _ = slurm_run
+    results = workdir / "results"
+    summary = pd.read_csv(results / "summary.csv")
+    assert set(summary["attack"]) == {"pgd", "noise"} and len(summary) == 12
+    shift = summary[summary["metric"] == "tile_cosine_distance"].set_index("attack")["attacked"]
+    assert shift["pgd"] > 10 * shift["noise"]
+    for slide in pd.read_csv(results / "demo" / "samples.csv")["slide_id"]:
+        for attack in ("pgd", "noise"):
+            stores.open_store(results / "reembedded" / attack / "demo" / f"{slide}.zarr", kind=stores.REEMBEDDED)
+    assert not list(results.rglob(".*.tmp-*"))  # no half-written output left anywhere
+    # The local executor agrees that nothing is missing or stale.
+    dry = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "1", "--dry-run"],
+        capture_output=True, text=True, timeout=120, cwd=workdir,
+    )
+    assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr

@@ -1,0 +1,78 @@
+"""The gray-box oracle: a trained MIL head that never saw the slide, for the ``attention``
+selection and the ``mil_cross_entropy`` objective.
+
+For each slide the head is the one of the cross-validation fold in which the slide is a test
+slide (``results/splits.csv``): it ranks and scores a slide it was not trained on, and it is the
+head that evaluates the slide afterwards. The rule gets every fold's checkpoint of the chosen MIL
+model (the fold is only known once the splits exist) and this module picks the slide's fold.
+Torch-only: the perturb rule's environment has neither pandas nor scikit-learn.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsiattack.attacks.objectives import ObjectiveFn
+from wsiattack.errors import AttackError, StoreError
+from wsiattack.mil.training import load_mil_checkpoint
+
+
+@dataclass(frozen=True)
+class MILHead:
+    """A trained head in eval mode with frozen weights, and the slide's true class index."""
+
+    module: nn.Module
+    target: int
+    provenance: dict[str, Any] = field(default_factory=dict)  # model and fold, recorded in the attack store
+
+    def objective_for(self, *, bag: torch.Tensor, rows: torch.Tensor) -> ObjectiveFn:
+        """Slide-level cross-entropy with ``rows`` of the clean ``bag`` replaced by a batch's embeddings.
+
+        Every tile of the batch gets the same (joint) value, so the methods' per-tile best iterate
+        keeps the batch's tiles together; the batch sum's gradient is k times the slide's, a scale
+        that every method normalises away (sign, unit norm, C&W's first-order gain).
+        """
+        target = torch.tensor([self.target], device=bag.device)
+
+        def slide_cross_entropy(embedding: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+            attacked = bag.index_put((rows,), embedding.to(bag.dtype))  # out of place: bag stays clean
+            logits, _ = self.module(attacked)
+            return F.cross_entropy(logits[None].float(), target).expand(len(embedding))
+
+        return slide_cross_entropy
+
+    def check_bag(self, bag_dim: int, *, where: str) -> None:
+        if bag_dim != self.module.in_dim:
+            raise StoreError(f"{where}: clean features have {bag_dim} dimensions but the MIL head expects {self.module.in_dim}; re-run extraction and training")
+
+
+def load_fold_head(*, slide_id: str, splits_csv: str | Path, model_paths: Sequence[str | Path]) -> MILHead:
+    """The head of the fold in which ``slide_id`` is a test slide, with the slide's label as target."""
+    record = _split_record(splits_csv, slide_id=slide_id)
+    fold = int(record["fold"])
+    paths = [Path(p) for p in model_paths if Path(p).parent.name == f"fold{fold}"]
+    if len(paths) != 1:
+        raise AttackError(f"{slide_id}: is a test slide of fold {fold}, but {len(paths)} of the {len(model_paths)} MIL checkpoints given are of that fold")
+    module, meta = load_mil_checkpoint(paths[0])
+    if meta.get("fold") != fold or slide_id in meta.get("train_slides", ()):
+        raise StoreError(f"{paths[0]}: trained for fold {meta.get('fold')} on slides that include {slide_id!r} or not for fold {fold}; splits changed since training: re-run train_mil")
+    classes = list(meta["classes"])
+    if record["label"] not in classes:
+        raise AttackError(f"{slide_id}: label {record['label']!r} is not one of the head's classes ({', '.join(classes)})")
+    return MILHead(module=module.eval().requires_grad_(False), target=classes.index(record["label"]), provenance={"model": meta["model"], "fold": fold})
+
+
+def _split_record(splits_csv: str | Path, *, slide_id: str) -> dict[str, str]:
+    with open(splits_csv, newline="") as handle:
+        for record in csv.DictReader(handle):
+            if record["slide_id"] == slide_id:
+                return record
+    raise AttackError(f"{slide_id}: not in {splits_csv}; re-run the split rule")

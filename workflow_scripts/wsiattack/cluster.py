@@ -1,0 +1,131 @@
+"""Cluster resource sizing from the `benchmark:` files of a finished run.
+
+    python -m wsiattack.cluster results/benchmarks profiles/slurm/config.yaml
+
+reads every results/benchmarks/<rule>/*.tsv, sizes each rule's memory and runtime from the worst
+job it saw, and rewrites the `set-resources` block of the SLURM profile between its BEGIN/END
+markers. Sizes are Python expressions of `attempt`, so a job that SLURM kills for memory or time
+is retried (the profile's `retries`) with twice, then three times, as much.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .stores import atomic_file
+
+BEGIN = "# BEGIN cluster-resources"
+END = "# END cluster-resources"
+MEM_HEADROOM = 1.5  # peak RSS varies with slide size and allocator; 1.5x covers the demo's spread
+MEM_STEP_MB = 500
+MEM_FLOOR_MB = 1000
+RUNTIME_HEADROOM = 3.0  # queue nodes are often slower and busier than the node that measured
+RUNTIME_FLOOR_MIN = 10  # below this, schedulers' granularity and job start-up dominate
+
+
+@dataclass(frozen=True)
+class RuleUsage:
+    """The worst case over one rule's jobs."""
+
+    rule: str
+    n_jobs: int
+    max_rss_mb: float
+    max_wall_s: float
+
+
+@dataclass(frozen=True)
+class RuleResources:
+    rule: str
+    mem_mb: int  # for attempt 1
+    runtime_min: int  # for attempt 1
+    gpu: bool
+
+
+def read_benchmarks(benchmarks_dir: Path) -> list[RuleUsage]:
+    """Worst peak RSS and wall time per rule, from Snakemake's benchmark TSVs (one folder per rule)."""
+    usage = []
+    for rule_dir in sorted(p for p in Path(benchmarks_dir).iterdir() if p.is_dir()):
+        rows = [row for tsv in sorted(rule_dir.glob("*.tsv")) for row in _tsv_rows(tsv)]
+        if rows:
+            usage.append(
+                RuleUsage(
+                    rule=rule_dir.name,
+                    n_jobs=len(rows),
+                    max_rss_mb=max(_number(row["max_rss"]) for row in rows),
+                    max_wall_s=max(_number(row["s"]) for row in rows),
+                )
+            )
+    if not usage:
+        raise SystemExit(f"No benchmark files under {benchmarks_dir}: run the workflow first.")
+    return usage
+
+
+def _tsv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def _number(text: str) -> float:
+    return 0.0 if text in ("", "NA", "-") else float(text)
+
+
+def gpu_rules(rules_dir: Path) -> set[str]:
+    """Rules whose `resources:` declare gpu (read from rules/*.smk, where that is declared once)."""
+    found = set()
+    for smk in Path(rules_dir).glob("*.smk"):
+        for match in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", smk.read_text(), re.M | re.S):
+            if re.search(r"^\s+gpu\s*=\s*[1-9]", match.group(2), re.M):
+                found.add(match.group(1))
+    return found
+
+
+def size_rule(usage: RuleUsage, *, gpu: bool) -> RuleResources:
+    mem_mb = max(MEM_FLOOR_MB, math.ceil(usage.max_rss_mb * MEM_HEADROOM / MEM_STEP_MB) * MEM_STEP_MB)
+    runtime_min = max(RUNTIME_FLOOR_MIN, math.ceil(usage.max_wall_s * RUNTIME_HEADROOM / 60))
+    return RuleResources(rule=usage.rule, mem_mb=mem_mb, runtime_min=runtime_min, gpu=gpu)
+
+
+def render_set_resources(sized: list[RuleResources], *, gpu_partition: str, indent: str = "  ") -> str:
+    lines = []
+    for res in sized:
+        lines.append(f"{indent}{res.rule}:")
+        lines.append(f"{indent}  mem_mb: {res.mem_mb} * attempt")
+        lines.append(f"{indent}  runtime: {res.runtime_min} * attempt")
+        if res.gpu:
+            lines.append(f"{indent}  slurm_partition: {gpu_partition}")
+    return "\n".join(lines)
+
+
+def replace_block(profile_text: str, block: str) -> str:
+    """Put `block` between the profile's BEGIN/END markers, keeping everything else."""
+    pattern = re.compile(rf"^(?P<indent>[ \t]*){re.escape(BEGIN)}\n.*?^[ \t]*{re.escape(END)}", re.M | re.S)
+    match = pattern.search(profile_text)
+    if match is None:
+        raise SystemExit(f"The profile has no '{BEGIN}' ... '{END}' markers.")
+    indent = match.group("indent")
+    replacement = f"{indent}{BEGIN}\n{block}\n{indent}{END}"
+    return profile_text[: match.start()] + replacement + profile_text[match.end() :]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("benchmarks", type=Path, help="results/benchmarks of a finished run")
+    parser.add_argument("profile", type=Path, help="profile config.yaml to update (e.g. profiles/slurm/config.yaml)")
+    parser.add_argument("--rules-dir", type=Path, default=Path(__file__).resolve().parents[2] / "rules")
+    parser.add_argument("--gpu-partition", default="gpu")
+    args = parser.parse_args(argv)
+    gpu = gpu_rules(args.rules_dir)
+    sized = [size_rule(u, gpu=u.rule in gpu) for u in read_benchmarks(args.benchmarks)]
+    text = replace_block(args.profile.read_text(), render_set_resources(sized, gpu_partition=args.gpu_partition))
+    with atomic_file(args.profile) as tmp:
+        Path(tmp).write_text(text)
+    for res in sized:
+        print(f"{res.rule:14s} mem_mb={res.mem_mb:6d}  runtime={res.runtime_min:4d} min  {'GPU' if res.gpu else ''}")
+
+
+if __name__ == "__main__":
+    main()
