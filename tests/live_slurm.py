@@ -1,12 +1,12 @@
 """A real single-node SLURM on this machine, for the cluster test (Debian's slurm-wlm and munge).
 
-Loopback only; one node with the machine's CPUs and two GPUs backed by dummy device files, a
-`cpu` and a `gpu` partition (the names profiles/slurm uses). Facts of these machines that the
-configuration answers: no systemd and no usable cgroups (proctrack/linuxproc, task/none);
-`--gpus` needs select/cons_tres; the executor plugin strips SLURM_* variables inside jobs, so the
-configuration must sit at the default /etc/slurm/slurm.conf; without accounting only `squeue` can
-report job states, which needs finished jobs kept (a large MinJobAge); without DefMemPerCPU every
-job would take the whole node's memory and jobs would run one at a time.
+Loopback only; one node with twice the machine's CPUs (CPU_OVERCOMMIT) and two GPUs backed by
+dummy device files; a `cpu` and a `gpu` partition (the names profiles/slurm uses). Facts of these
+machines that the configuration answers: no systemd and no usable cgroups (proctrack/linuxproc,
+task/none); `--gpus` needs select/cons_tres; the executor plugin strips SLURM_* variables inside
+jobs, so the configuration must sit at the default /etc/slurm/slurm.conf; without accounting only
+`squeue` can report job states, which needs finished jobs kept (a large MinJobAge); without
+DefMemPerCPU every job would take the whole node's memory and jobs would run one at a time.
 """
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "sinfo", "srun")
 GPUS_PER_NODE = 2
 NODE_MEM_MB = 8000
+# Job slots per core: jobs here are mostly start-up and waiting (sbatch, srun, status polls), so
+# the node declares more CPUs than it has (SlurmdParameters=config_overrides) to overlap them.
+CPU_OVERCOMMIT = 2
 
 
 def unavailable_reason() -> str | None:
@@ -91,7 +94,7 @@ class LiveSlurm:
         devices = [self.state_dir / "dev" / f"nvidia{i}" for i in range(GPUS_PER_NODE)]
         for device in devices:
             device.touch()
-        cpus = os.cpu_count() or 1
+        cpus = (os.cpu_count() or 1) * CPU_OVERCOMMIT
         s = self.state_dir
         slurm_conf = f"""{MARKER}
 ClusterName=wsiattack-test
@@ -107,6 +110,7 @@ GresTypes=gpu
 DefMemPerCPU=1000
 MinJobAge=86400
 ReturnToService=2
+SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
