@@ -23,6 +23,19 @@ include: "rules/mil.smk"
 include: "rules/report.smk"
 
 
+# Cohort-level steps that read a few small files run where Snakemake runs, not as cluster jobs:
+# each would otherwise wait in the queue and start Snakemake twice for seconds of work.
+# (No effect on a workstation.)
+localrules:
+    all,
+    demo_cohort,
+    split,
+    list_skipped,
+    summarize,
+    plot_metrics,
+    plot_examples,
+
+
 rule all:
     input:
         "results/summary.csv",

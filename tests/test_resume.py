@@ -5,7 +5,6 @@ Slow tier.
 """
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import zarr
+from small_tiny import write_small_tiny_config
 
 from wsiattack import stores
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-N_PERTURB_JOBS = 12  # tiny config: 6 slides x 2 attacks
+N_SLIDES, ATTACKS = 4, ("pgd", "noise")
+N_PERTURB_JOBS = N_SLIDES * len(ATTACKS)
 
 
 def snakemake_command(workdir: Path, *args: str) -> list[str]:
@@ -60,7 +61,7 @@ def output_mtimes(workdir: Path) -> dict[Path, int]:
 def test_killed_during_perturb_resumes_without_redoing_or_corrupting(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
-    shutil.copy(ROOT / "tests" / "configs" / "tiny.yaml", workdir / "config.yaml")
+    write_small_tiny_config(workdir / "config.yaml", n_slides=N_SLIDES, attacks=ATTACKS)
 
     run_until_perturb_is_half_done(workdir)
     done_before = output_mtimes(workdir)
