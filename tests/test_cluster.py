@@ -42,8 +42,13 @@ def test_gpu_rules_are_read_from_the_rules():
     assert cluster.gpu_rules(ROOT / "rules") == {"extract", "perturb", "reembed"}
 
 
+def test_local_rules_are_read_from_the_snakefile():
+    assert cluster.local_rules(ROOT / "Snakefile") == {"all", "demo_cohort", "split", "list_skipped", "summarize", "plot_metrics", "plot_examples"}
+
+
 def test_profile_block_is_replaced_and_the_rest_kept(tmp_path):
     write_benchmark(tmp_path / "bench" / "perturb" / "a.tsv", wall_s=10, rss_mb=900)
+    write_benchmark(tmp_path / "bench" / "summarize" / "a.tsv", wall_s=10, rss_mb=900)  # a local rule: not sized
     profile = tmp_path / "config.yaml"
     profile.write_text(PROFILE.read_text())
     cluster.main([str(tmp_path / "bench"), str(profile), "--gpu-partition", "a100"])
@@ -61,6 +66,7 @@ def test_slurm_profile_sizes_every_rule_and_sends_gpu_rules_to_the_gpu_partition
     rules = set(re.findall(r"^(?:rule|checkpoint) (\w+):", "\n".join(p.read_text() for p in (ROOT / "rules").glob("*.smk")), re.M))
     sized = profile["set-resources"]
     assert set(sized) <= rules and cluster.gpu_rules(ROOT / "rules") <= set(sized)
+    assert not set(sized) & cluster.local_rules(ROOT / "Snakefile")  # they never reach SLURM
     for rule, resources in sized.items():
         assert "attempt" in str(resources["mem_mb"]) and "attempt" in str(resources["runtime"])  # retries grow them
         assert (resources.get("slurm_partition") == "gpu") == (rule in cluster.gpu_rules(ROOT / "rules"))

@@ -4,7 +4,7 @@
 
 reads every results/benchmarks/<rule>/*.tsv, sizes each rule's memory and runtime from the worst
 job it saw, and rewrites the `set-resources` block of the SLURM profile between its BEGIN/END
-markers. Sizes are Python expressions of `attempt`, so a job that SLURM kills for memory or time
+markers (rules the Snakefile declares `localrules` never reach the cluster and are left out). Sizes are Python expressions of `attempt`, so a job that SLURM kills for memory or time
 is retried (the profile's `retries`) with twice, then three times, as much.
 """
 from __future__ import annotations
@@ -83,6 +83,12 @@ def gpu_rules(rules_dir: Path) -> set[str]:
     return found
 
 
+def local_rules(snakefile: Path) -> set[str]:
+    """The rules of the Snakefile's ``localrules:`` block (one name per line, as it is written there)."""
+    match = re.search(r"^localrules:\n((?:[ \t]+\w+,?[ \t]*\n)+)", Path(snakefile).read_text(), re.M)
+    return set(re.findall(r"\w+", match.group(1))) if match else set()
+
+
 def size_rule(usage: RuleUsage, *, gpu: bool) -> RuleResources:
     mem_mb = max(MEM_FLOOR_MB, math.ceil(usage.max_rss_mb * MEM_HEADROOM / MEM_STEP_MB) * MEM_STEP_MB)
     runtime_min = max(RUNTIME_FLOOR_MIN, math.ceil(usage.max_wall_s * RUNTIME_HEADROOM / 60))
@@ -116,10 +122,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("benchmarks", type=Path, help="results/benchmarks of a finished run")
     parser.add_argument("profile", type=Path, help="profile config.yaml to update (e.g. profiles/slurm/config.yaml)")
     parser.add_argument("--rules-dir", type=Path, default=Path(__file__).resolve().parents[2] / "rules")
+    parser.add_argument("--snakefile", type=Path, default=Path(__file__).resolve().parents[2] / "Snakefile")
     parser.add_argument("--gpu-partition", default="gpu")
     args = parser.parse_args(argv)
-    gpu = gpu_rules(args.rules_dir)
-    sized = [size_rule(u, gpu=u.rule in gpu) for u in read_benchmarks(args.benchmarks)]
+    gpu, local = gpu_rules(args.rules_dir), local_rules(args.snakefile)
+    sized = [size_rule(u, gpu=u.rule in gpu) for u in read_benchmarks(args.benchmarks) if u.rule not in local]
     text = replace_block(args.profile.read_text(), render_set_resources(sized, gpu_partition=args.gpu_partition))
     with atomic_file(args.profile) as tmp:
         Path(tmp).write_text(text)
