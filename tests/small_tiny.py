@@ -1,6 +1,6 @@
 """The tiny config cut down, for the slow tests whose point is the machinery (cluster, kill/resume).
 
-Every GPU-rule job spends ~5-10 s importing torch and timm, so each slide x attack fewer saves
+Every GPU-rule job spends up to ~10 s importing torch and timm, so each slide x attack fewer saves
 seconds; 4 slides is the least a stratified 2-fold split takes (2 per class).
 """
 

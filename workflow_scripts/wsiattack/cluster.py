@@ -4,8 +4,9 @@
 
 reads every results/benchmarks/<rule>/*.tsv, sizes each rule's memory and runtime from the worst
 job it saw, and rewrites the `set-resources` block of the SLURM profile between its BEGIN/END
-markers (rules the Snakefile declares `localrules` never reach the cluster and are left out). Sizes are Python expressions of `attempt`, so a job that SLURM kills for memory or time
-is retried (the profile's `retries`) with twice, then three times, as much.
+markers; the Snakefile's `localrules` never reach the cluster and are left out. Sizes are Python
+expressions of `attempt`, so a job that SLURM kills for memory or time is retried (the profile's
+`retries`) with twice, then three times, as much.
 """
 from __future__ import annotations
 
