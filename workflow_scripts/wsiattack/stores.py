@@ -57,9 +57,9 @@ REEMBEDDED = "reembedded"
 # large enough to keep the number of files per store modest.
 TILES_PER_CHUNK = 16
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
-# The tiles array is most of a store's bytes and compressing it was most of tiling's cost beyond
-# decoding the slide: decoded JPEG tissue compresses little losslessly, so tiles get a fast codec
-# (see tests/benchmarks/bench_tiling.py for the speed and size of the alternatives).
+# The tiles array is most of a store's bytes, and decoded JPEG tissue compresses little
+# losslessly: tiles get the fastest codec, which costs tiling the same CPU as none (see
+# tests/benchmarks/bench_tiling.py for the speed and size of the alternatives).
 _TILES_COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
 # Our chunks are never all fill value; zarr's per-chunk emptiness check costs as much as
 # compressing (measured by tests/benchmarks/bench_tiling.py), so it is switched off.
