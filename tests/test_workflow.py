@@ -14,13 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from small_tiny import TINY_CONFIG
+from small_tiny import TINY_CONFIG as TINY
 
 from wsiattack import stores
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-TINY = TINY_CONFIG
 
 
 def snakemake(workdir: Path, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:

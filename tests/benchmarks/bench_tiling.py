@@ -18,7 +18,7 @@ that all figures of a round saw about the same machine load:
 - write floor: the store's own chunk files (same count, same sizes) written with plain
   ``os.write`` from memory, i.e. what the kernel alone charges for putting those bytes on disk.
   ``raw CPU / (raw CPU + floor CPU)`` is the ratio a store-writing pipeline could reach if every
-  other cost were zero: the ceiling the bar is measured against.
+  other cost were zero: the ceiling for any pipeline that stores the decoded tiles.
 
 Every timed run starts after ``os.sync()``, so the write-back of the previous run's store does
 not land on the next measurement, and with its output already deleted (as Snakemake does before
@@ -217,48 +217,23 @@ def raw_regions(store: Path) -> tuple[list[tuple[int, int, int, int]], list[tupl
     return rows, [(b.col0 * tile, b.row0 * tile, b.cols * tile, b.rows * tile) for b in blocks], len(coords)
 
 
-def run_raw(slide: Path, regions: list[tuple[int, int, int, int]], *, threads: int, n_tiles: int) -> dict:
-    """OpenSlide decoding the regions on ``threads`` threads; the images are dropped."""
-    os.sync()
-    with openslide.OpenSlide(slide) as handle:
-        start_wall, start_cpu = time.perf_counter(), time.process_time()
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for _ in pool.map(lambda r: handle.read_region((r[0], r[1]), 0, (r[2], r[3])), regions):
-                pass
-        return {"n": n_tiles, "wall_s": time.perf_counter() - start_wall, "cpu_s": time.process_time() - start_cpu}
+def decode_read_region(region: tuple[int, int, int, int], *, handle: openslide.OpenSlide) -> None:
+    """openslide-python's public path: decode, ARGB -> RGBA, PIL image (dropped)."""
+    handle.read_region((region[0], region[1]), 0, (region[2], region[3]))
 
 
-def run_write_floor(store: Path, workdir: Path, *, n_tiles: int) -> dict:
-    """Write files of the sizes of ``store``'s tiles chunks from one in-memory buffer (create,
-    write, close: no codec, no zarr), and return the wall and CPU time, user and system."""
-    sizes = [f.stat().st_size for f in (store / "tiles").rglob("*") if f.is_file() and f.name != "zarr.json"]
-    buffer = np.random.default_rng(0).integers(0, 256, max(sizes), dtype=np.uint8).tobytes()
-    out = workdir / "floor"
-    out.mkdir()
-    os.sync()
-    start_wall, start = time.perf_counter(), os.times()
-    for i, size in enumerate(sizes):
-        fd = os.open(out / str(i), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        try:
-            os.write(fd, memoryview(buffer)[:size])
-        finally:
-            os.close(fd)
-    end = os.times()
-    result = {"n": n_tiles, "wall_s": time.perf_counter() - start_wall, "cpu_s": end.user + end.system - start.user - start.system}
-    shutil.rmtree(out)
-    return result
-
-
-def run_raw_c(slide: Path, regions: list[tuple[int, int, int, int]], *, threads: int, n_tiles: int) -> dict:
-    """As ``run_raw``, but only the C library's decode into a preallocated premultiplied-ARGB
-    buffer (openslide-python's private ``_read_region`` binding: a bound, not pipeline code)."""
+def decode_c_buffer(region: tuple[int, int, int, int], *, handle: openslide.OpenSlide) -> None:
+    """Only the C library's decode into a preallocated premultiplied-ARGB buffer (through
+    openslide-python's private ``_read_region`` binding: a bound, not pipeline code)."""
     from openslide import lowlevel
 
-    def decode(region: tuple[int, int, int, int], handle: openslide.OpenSlide) -> None:
-        x, y, w, h = region
-        buffer = np.empty((h, w), dtype=np.uint32)
-        lowlevel._read_region(handle._osr, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, 0, w, h)
+    x, y, w, h = region
+    buffer = np.empty((h, w), dtype=np.uint32)
+    lowlevel._read_region(handle._osr, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, 0, w, h)
 
+
+def run_raw(slide: Path, regions: list[tuple[int, int, int, int]], *, threads: int, n_tiles: int, decode=decode_read_region) -> dict:
+    """OpenSlide decoding the regions with ``decode`` on ``threads`` threads, written nowhere."""
     os.sync()
     with openslide.OpenSlide(slide) as handle:
         start_wall, start_cpu = time.perf_counter(), time.process_time()
@@ -266,6 +241,26 @@ def run_raw_c(slide: Path, regions: list[tuple[int, int, int, int]], *, threads:
             for _ in pool.map(partial(decode, handle=handle), regions):
                 pass
         return {"n": n_tiles, "wall_s": time.perf_counter() - start_wall, "cpu_s": time.process_time() - start_cpu}
+
+
+def run_write_floor(store: Path, workdir: Path, *, n_tiles: int) -> dict:
+    """Write files of the sizes of ``store``'s tiles chunks from one in-memory buffer (create,
+    write, close: no codec, no zarr); wall and CPU time (user + system) as for the other runs."""
+    sizes = [f.stat().st_size for f in (store / "tiles").rglob("*") if f.is_file() and f.name != "zarr.json"]
+    buffer = memoryview(np.random.default_rng(0).integers(0, 256, max(sizes), dtype=np.uint8).tobytes())
+    out = workdir / "floor"
+    out.mkdir()
+    os.sync()
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    for i, size in enumerate(sizes):
+        fd = os.open(out / str(i), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.write(fd, buffer[:size])
+        finally:
+            os.close(fd)
+    result = {"n": n_tiles, "wall_s": time.perf_counter() - start_wall, "cpu_s": time.process_time() - start_cpu}
+    shutil.rmtree(out)
+    return result
 
 
 def rate(result: dict) -> float:
@@ -320,7 +315,7 @@ def report(workdir: Path, args: argparse.Namespace) -> None:
         rows, blocks, n_tiles = raw_regions(store)
         runs["raw rows"].append(run_raw(slide, rows, threads=args.threads, n_tiles=n_tiles))
         runs["raw blocks"].append(run_raw(slide, blocks, threads=args.threads, n_tiles=n_tiles))
-        runs["raw blocks, C buffer"].append(run_raw_c(slide, blocks, threads=args.threads, n_tiles=n_tiles))
+        runs["raw blocks, C buffer"].append(run_raw(slide, blocks, threads=args.threads, n_tiles=n_tiles, decode=decode_c_buffer))
         for variant in args.variants:
             runs[f"pipeline, codec {variant}"].append(run_pipeline(slide, workdir / "variant.zarr", threads=args.threads, codec=variant))
         runs["write floor"].append(run_write_floor(store, workdir, n_tiles=n_tiles))

@@ -58,7 +58,7 @@ REEMBEDDED = "reembedded"
 TILES_PER_CHUNK = 16
 _COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
 # The tiles array is most of a store's bytes, and decoded JPEG tissue compresses little
-# losslessly: tiles get the fastest codec, which costs tiling the same CPU as none (see
+# losslessly: tiles get a fast codec, which costs tiling the same CPU as none (see
 # tests/benchmarks/bench_tiling.py for the speed and size of the alternatives).
 _TILES_COMPRESSOR = BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle")
 # Our chunks are never all fill value; zarr's per-chunk emptiness check costs as much as
