@@ -1,11 +1,12 @@
 # Adversarial robustness of pathology foundation models on whole-slide images.
 #
-#   slides --tile--> tiles --extract--> clean features --train_mil--> MIL heads (k-fold)
-#            tiles --perturb (k tiles)--> adversarial tiles --reembed--> k new feature rows
+#   slides --tile--> tiles (coordinates) --extract--> clean features --train_mil--> MIL heads (k-fold)
+#            tiles --attack: perturb k tiles, re-embed them--> adversarial tiles + k new feature rows
 #   MIL heads + clean/attacked bags --evaluate--> per-slide CSV --summarize--> summary.csv, plots
 #
 # Read from here down: rules/common.smk holds the config and sample-sheet handling, then one
 # file per stage. The library behind every rule script is workflow_scripts/wsiattack/.
+# The GPU rules (extract, attack) run one job per shard of slides, loading the model once.
 from snakemake.utils import min_version
 
 min_version("9.0")

@@ -1,4 +1,6 @@
 # The attack stage touches only the k selected tiles of each slide: its cost follows k, not N.
+# One job per (attack, encoder, shard) builds the encoder once, then perturbs each slide's k
+# tiles and re-embeds them (two library steps, one process): attack and re-embedded stores.
 # Gray-box attacks (selection attention, objective mil_cross_entropy) also read the trained MIL
 # heads: every fold's, because the slide's test fold is only known once results/splits.csv exists
 # (the script picks it), so they wait for train_mil; the label-free attacks do not.
@@ -9,7 +11,7 @@ def selection_features(wildcards):
     """Clean features, for the selections that rank tiles by them and the gray-box attacks' bag."""
     entry = CONFIG["attacks"][wildcards.attack]
     if entry["selection"] in ("centrality", "vulnerability") or uses_mil_head(entry):
-        return f"results/features/{wildcards.encoder}/{wildcards.slide}.zarr"
+        return f"results/features/{wildcards.encoder}/{wildcards.shard}"
     return []
 
 
@@ -25,59 +27,36 @@ def oracle_heads(wildcards):
     return expand("results/mil/{encoder}/{mil}/fold{fold}/model.safetensors", encoder=wildcards.encoder, mil=entry["mil"], fold=FOLDS)
 
 
-rule perturb:
+rule attack:
     input:
-        tiles="results/tiles/{slide}.zarr",
+        tiles=shard_tiles,
+        slides=shard_slide_files,
         features=selection_features,
         splits=oracle_splits,
         mil_heads=oracle_heads,
     output:
-        attack=directory("results/attacks/{attack}/{encoder}/{slide}.zarr"),
+        attacks=directory("results/attacks/{attack}/{encoder}/{shard}"),
+        reembedded=directory("results/reembedded/{attack}/{encoder}/{shard}"),
     params:
         spec=lambda wildcards: spec(
             {
                 "attack": wsiconfig.attack_spec(CONFIG, wildcards.attack),
                 "encoder": wsiconfig.encoder_spec(CONFIG, wildcards.encoder),
-                "tiling": CONFIG["tiling"],
-            }
-        ),
-        device=CONFIG["device"],
-    log:
-        log_path("perturb", "attack", "encoder", "slide"),
-    benchmark:
-        benchmark_path("perturb", "attack", "encoder", "slide")
-    threads: 1  # k tiles only: start-up dominates, so let two jobs share a 2-core machine
-    resources:
-        gpu=1,
-        mem_mb=4000,
-    conda:
-        "../envs/encoders.yaml"
-    script:
-        "../workflow_scripts/perturb.py"
-
-
-rule reembed:
-    input:
-        attack="results/attacks/{attack}/{encoder}/{slide}.zarr",
-    output:
-        features=directory("results/reembedded/{attack}/{encoder}/{slide}.zarr"),
-    params:
-        spec=lambda wildcards: spec(
-            {
-                "encoder": wsiconfig.encoder_spec(CONFIG, wildcards.encoder),
                 "batch_size": CONFIG["extraction"]["batch_size"],
+                "tiling": CONFIG["tiling"],
+                "slides": shard_slides(wildcards),
             }
         ),
         device=CONFIG["device"],
     log:
-        log_path("reembed", "attack", "encoder", "slide"),
+        log_path("attack", "attack", "encoder", "shard"),
     benchmark:
-        benchmark_path("reembed", "attack", "encoder", "slide")
-    threads: 1  # k tiles only: start-up dominates, so let two jobs share a 2-core machine
+        benchmark_path("attack", "attack", "encoder", "shard")
+    threads: 1  # k tiles per slide: let two jobs share a 2-core machine
     resources:
         gpu=1,
         mem_mb=4000,
     conda:
         "../envs/encoders.yaml"
     script:
-        "../workflow_scripts/reembed.py"
+        "../workflow_scripts/attack.py"

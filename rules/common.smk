@@ -13,6 +13,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (LIBRARY, os.environ.get("
 
 from wsiattack import config as wsiconfig
 from wsiattack.samples import read_samples
+from wsiattack.shards import SHARD_PATTERN, partition
 
 CONFIG = wsiconfig.validate_config(config)
 USES_DEMO = CONFIG["samples"] == wsiconfig.DEMO_SAMPLES
@@ -30,6 +31,7 @@ wildcard_constraints:
     attack=NAME,
     mil=NAME,
     fold=r"\d+",
+    shard=SHARD_PATTERN,
 
 
 @functools.cache
@@ -47,6 +49,34 @@ def samples():
 
 def slide_ids():
     return list(samples().index)
+
+
+@functools.cache
+def _partition(slides):
+    return partition(slides, n_shards=CONFIG["shards"])
+
+
+def shards():
+    """Shard -> its slides (``wsiattack.shards``): the GPU rules run one job per shard."""
+    return _partition(tuple(slide_ids()))
+
+
+def shard_slides(wildcards):
+    return shards()[wildcards.shard]
+
+
+def shard_tiles(wildcards):
+    return expand("results/tiles/{slide}.zarr", slide=shard_slides(wildcards))
+
+
+def shard_slide_files(wildcards):
+    """The shard's slide files, which the GPU rules read the pixels from (unless tiling stored them)."""
+    return [] if CONFIG["tiling"]["store_pixels"] else [samples().loc[s, "path"] for s in shard_slides(wildcards)]
+
+
+def per_shard(pattern, **wildcards):
+    """``pattern`` (with ``{shard}``) for every shard of the cohort."""
+    return expand(pattern, shard=list(shards()), **wildcards)
 
 
 if not USES_DEMO:

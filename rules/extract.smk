@@ -1,25 +1,28 @@
-# Tiles store -> clean features store, once per (slide, encoder); shared by every attack and MIL head.
+# Clean features, once per (encoder, shard of slides): one job loads the encoder once for all the
+# shard's slides and writes one features store per slide, shared by every attack and MIL head.
 
 
 rule extract:
     input:
-        tiles="results/tiles/{slide}.zarr",
+        tiles=shard_tiles,
+        slides=shard_slide_files,
     output:
-        features=directory("results/features/{encoder}/{slide}.zarr"),
+        features=directory("results/features/{encoder}/{shard}"),
     params:
         spec=lambda wildcards: spec(
             {
                 "encoder": wsiconfig.encoder_spec(CONFIG, wildcards.encoder),
                 "batch_size": CONFIG["extraction"]["batch_size"],
                 "tiling": CONFIG["tiling"],
+                "slides": shard_slides(wildcards),
             }
         ),
         device=CONFIG["device"],  # not a spec: moving to a GPU must not re-run finished work
     log:
-        log_path("extract", "encoder", "slide"),
+        log_path("extract", "encoder", "shard"),
     benchmark:
-        benchmark_path("extract", "encoder", "slide")
-    threads: 1  # two single-threaded jobs beat one two-threaded job: start-up is serial
+        benchmark_path("extract", "encoder", "shard")
+    threads: 1  # torch, plus one background thread decoding the slide's tiles
     resources:
         gpu=1,
         mem_mb=4000,

@@ -21,7 +21,7 @@ rule split:
 
 
 def clean_features(wildcards):
-    return expand("results/features/{encoder}/{slide}.zarr", encoder=wildcards.encoder, slide=slide_ids())
+    return per_shard("results/features/{encoder}/{shard}", encoder=wildcards.encoder)
 
 
 rule train_mil:
@@ -50,11 +50,8 @@ rule evaluate:
         splits="results/splits.csv",
         models=expand("results/mil/{{encoder}}/{{mil}}/fold{fold}/model.safetensors", fold=FOLDS),
         features=clean_features,
-        reembedded=lambda wildcards: expand(
-            "results/reembedded/{attack}/{encoder}/{slide}.zarr",
-            attack=wildcards.attack,
-            encoder=wildcards.encoder,
-            slide=slide_ids(),
+        reembedded=lambda wildcards: per_shard(
+            "results/reembedded/{attack}/{encoder}/{shard}", attack=wildcards.attack, encoder=wildcards.encoder
         ),
     output:
         per_slide="results/eval/{encoder}/{mil}/{attack}.csv",

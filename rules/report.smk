@@ -38,19 +38,25 @@ rule plot_metrics:
 
 
 def example_slides(wildcards):
-    """The first few slides with their tiles and attack stores, for the example-tile figure."""
+    """The first few slides, for the example-tile figure."""
     return slide_ids()[: CONFIG["evaluation"]["n_example_tiles"]]
+
+
+def example_attack_dirs(wildcards):
+    """The attack outputs of the shards that hold the example slides."""
+    wanted = set(example_slides(wildcards))
+    return [
+        f"results/attacks/{wildcards.attack}/{wildcards.encoder}/{shard}"
+        for shard, members in shards().items()
+        if wanted.intersection(members)
+    ]
 
 
 rule plot_examples:
     input:
         tiles=lambda wildcards: expand("results/tiles/{slide}.zarr", slide=example_slides(wildcards)),
-        attacks=lambda wildcards: expand(
-            "results/attacks/{attack}/{encoder}/{slide}.zarr",
-            attack=wildcards.attack,
-            encoder=wildcards.encoder,
-            slide=example_slides(wildcards),
-        ),
+        slides=lambda wildcards: [samples().loc[s, "path"] for s in example_slides(wildcards)],
+        attacks=example_attack_dirs,
     output:
         plot=report(
             "results/plots/examples/{attack}/{encoder}.png",
@@ -60,6 +66,7 @@ rule plot_examples:
         ),
     params:
         spec=lambda wildcards: spec({"n_example_tiles": CONFIG["evaluation"]["n_example_tiles"]}),
+        slides=example_slides,
     log:
         log_path("plot_examples", "attack", "encoder"),
     benchmark:

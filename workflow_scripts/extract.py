@@ -1,11 +1,13 @@
-"""Rule extract: tiles store -> clean features store."""
-from wsiattack import extraction, rulekit, runtime, stores, tiling
+"""Rule extract: the tiles stores of one shard -> one features store per slide."""
+from wsiattack import rulekit, runtime, shardjobs, stores, tiling
 from wsiattack.encoders.model import build_encoder
 
 
 def main(smk, spec):
-    stores.open_tiles(smk.input.tiles, expected=tiling.expected_tiles_attrs(spec["tiling"]))  # refuse stale tiles
-    extraction.extract_slide(slide_id=smk.wildcards.slide, tiles_store=smk.input.tiles, encoder=build_encoder(**spec["encoder"]), batch_size=spec["batch_size"], device=runtime.resolve_device(smk.params.device), out_store=smk.output.features)
+    for tiles in smk.input.tiles:
+        stores.open_tiles(tiles, expected=tiling.expected_tiles_attrs(spec["tiling"]))  # refuse stale tiles
+    slides = shardjobs.shard_slides(spec["slides"], smk.input.tiles, smk.input.slides)
+    shardjobs.extract_shard(slides=slides, encoder=build_encoder(**spec["encoder"]), batch_size=spec["batch_size"], device=runtime.resolve_device(smk.params.device), out_dir=smk.output.features, reader_threads=smk.threads)
 
 
 rulekit.run(snakemake, main)  # noqa: F821

@@ -1,4 +1,8 @@
-"""Clean feature extraction per slide, and re-embedding of just the k adversarial tiles."""
+"""Clean feature extraction per slide, and re-embedding of just the k adversarial tiles.
+
+The GPU rules call these once per slide of their shard, with one encoder built per job
+(``shardjobs``).
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,20 @@ import torch
 from wsiattack import stores
 from wsiattack.attacks.params import threat_marking
 from wsiattack.encoders.model import TileEncoder, embed_tiles
+from wsiattack.tilereader import TileReader
 
 log = logging.getLogger(__name__)
 
 
-def extract_slide(*, slide_id: str, tiles_store: str | Path, encoder: TileEncoder, batch_size: int, device: torch.device, out_store: str | Path) -> int:
-    """Embed every tile of a tiles store into a features store; return N."""
-    tiles = stores.open_store(tiles_store, kind=stores.TILES)["tiles"]
+def extract_slide(*, slide_id: str, tiles_store: str | Path, encoder: TileEncoder, batch_size: int, device: torch.device, out_store: str | Path, slide_path: str | Path | None = None, reader_threads: int = 1) -> int:
+    """Embed every tile of a tiles store into a features store; return N.
+
+    Pixels come from ``TileReader``: decoded from the slide (``slide_path``, default the path
+    recorded at tiling) on ``reader_threads`` background threads while the model runs.
+    """
     started = time.perf_counter()
-    features = embed_tiles(encoder, tiles, batch_size=batch_size, device=device, label=slide_id)
+    with TileReader(tiles_store, slide_path=slide_path, threads=reader_threads) as tiles:
+        features = embed_tiles(encoder, tiles, batch_size=batch_size, device=device, label=slide_id)
     seconds = time.perf_counter() - started
     log.info("%s: %d tiles embedded in %.1f s (%.1f tiles/s) on %s", slide_id, len(features), seconds, len(features) / max(seconds, 1e-9), device)
     attrs = {"slide_id": slide_id, **encoder.describe(), "device_type": device.type}

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from wsiattack import stores  # noqa: E402
+from wsiattack.tilereader import TileReader  # noqa: E402
 
 METRICS = ("accuracy", "balanced_accuracy", "auroc", "f1_macro")
 
@@ -56,13 +57,16 @@ def plot_metrics(summary: pd.DataFrame, out_png: str | Path) -> None:
     _save(fig, out_png)
 
 
-def plot_examples(*, tile_stores: Sequence[str | Path], attack_stores: Sequence[str | Path], out_png: str | Path) -> None:
-    """For one attacked tile per slide: clean, adversarial (uint8 as stored), amplified difference."""
+def plot_examples(*, tile_stores: Sequence[str | Path], attack_stores: Sequence[str | Path], out_png: str | Path, slide_paths: Sequence[str | Path | None] | None = None) -> None:
+    """For one attacked tile per slide: clean, adversarial (uint8 as stored), amplified difference.
+
+    ``slide_paths`` (one per tiles store) say where the slides are now (default: as tiled)."""
     columns = []
-    for tiles_path, attack_path in zip(tile_stores, attack_stores):
+    for tiles_path, attack_path, slide_path in zip(tile_stores, attack_stores, slide_paths or [None] * len(tile_stores), strict=True):
         attack = stores.open_store(attack_path, kind=stores.ATTACK)
         index = int(attack["index"][0])
-        clean = np.asarray(stores.open_store(tiles_path, kind=stores.TILES)["tiles"][index])
+        with TileReader(tiles_path, slide_path=slide_path) as tiles:
+            clean = tiles.read(np.array([index]))[0]
         adversarial = np.asarray(attack["adv_tiles"][0])
         diff = adversarial.astype(np.int16) - clean.astype(np.int16)
         scale = max(1, int(np.abs(diff).max()))

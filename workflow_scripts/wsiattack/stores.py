@@ -2,8 +2,10 @@
 
 Layouts (one zarr v3 group per slide, see README "On-disk layout"):
 
-- tiles store     ``tiles`` uint8 (N, T, T, 3), ``coords`` int64 (N, 2) level-0 (x, y);
-                  attrs ``kind="tiles"`` plus slide identity and the tiling spec.
+- tiles store     ``coords`` int64 (N, 2) level-0 (x, y); ``tiles`` uint8 (N, T, T, 3) only with
+                  ``tiling.store_pixels`` (otherwise ``tilereader.TileReader`` re-reads the pixels
+                  from the slide); attrs ``kind="tiles"`` plus slide identity, the tiling spec and
+                  the ``geometry`` (level, downsample, tile side in level-0 and level px).
 - features store  ``features`` float32 (N, D), same order as the tiles; attrs encoder identity.
 - attack store    ``index`` int64 (k,) sorted tile indices; ``adv_tiles`` uint8 (k, T, T, 3);
                   per tile: ``linf``, ``l2`` float32 (achieved distance of the stored uint8 tile,
@@ -24,6 +26,9 @@ Layouts (one zarr v3 group per slide, see README "On-disk layout"):
                   attrs encoder identity, the ``attack`` entry and its ``label_free`` /
                   ``threat_model`` marking.
 
+The GPU rules write one directory per shard of slides (``shards``), holding one store per slide
+(``{shard_dir}/{slide_id}.zarr``, see ``slide_store``): features, attack and re-embedded stores.
+
 Every store is written into a temporary sibling directory and renamed into place, so a killed
 job never leaves a store that looks complete; the next write of the same output removes the
 temporary directory the killed job left.
@@ -37,7 +42,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +118,44 @@ def atomic_store(path: Path | str, *, kind: str, attrs: Mapping[str, Any]) -> It
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path | str) -> Iterator[Path]:
+    """Yield a fresh temporary directory; rename it to ``path`` on success only.
+
+    The per-shard outputs (one store per slide inside) are written this way: a job killed
+    mid-shard leaves no directory that looks complete, and its re-run redoes that shard only.
+    """
+    path = Path(path)
+    tmp = _fresh_temp_sibling(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():  # Snakemake removes outputs before a job; a manual re-run may not.
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def slide_store(shard_dir: Path | str, slide_id: str) -> Path:
+    """Where a slide's store is inside a per-shard output directory."""
+    return Path(shard_dir) / f"{slide_id}.zarr"
+
+
+def slide_stores(shard_dirs: Iterable[Path | str]) -> list[Path]:
+    """Every slide's store in the given per-shard output directories (by directory, then name)."""
+    return [store for shard_dir in shard_dirs for store in sorted(Path(shard_dir).glob("[!.]*.zarr"))]
+
+
+def find_slide_store(shard_dirs: Iterable[Path | str], slide_id: str) -> Path:
+    """The store of ``slide_id`` in whichever of ``shard_dirs`` holds it."""
+    for shard_dir in shard_dirs:
+        if (store := slide_store(shard_dir, slide_id)).exists():
+            return store
+    raise StoreError(f"no store for slide {slide_id!r} in {', '.join(map(str, shard_dirs))}")
 
 
 def open_store(path: Path | str, *, kind: str) -> zarr.Group:

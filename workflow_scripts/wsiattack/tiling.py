@@ -3,7 +3,14 @@
 Resolution handling: every tile covers ``tile_px * target_mpp`` µm whatever the scanner. The
 pyramid level read is the coarsest one not coarser than the target (``slides.choose_level``);
 when its mpp differs from the target the region is resized to ``tile_px`` (non-integer factors
-included). Coordinates are level-0 pixels of the tile's top-left corner.
+included): each tile is resized from its own window of level pixels, so its pixels do not depend
+on which other tiles are read with it. Coordinates are level-0 pixels of the tile's top-left
+corner.
+
+Store contents: by default a tiles store holds the tiles' coordinates and geometry only, and
+every stage that needs pixels re-reads them from the slide (``tilereader.TileReader``), which
+gives every stage byte-identical tiles; ``tiling.store_pixels: true`` also stores the decoded
+tiles (for GPU nodes with too few CPU cores to decode while the model runs).
 
 Throughput: the kept grid cells are grouped into blocks of at most ``BLOCK_LEVEL_PX`` square
 (in pixels of the level read); each block is one ``read_region`` (not one per tile), read on a
@@ -65,6 +72,14 @@ class TileGeometry:
     side0_px: float  # tile side in level-0 pixels
     side_level_px: float  # tile side in pixels of the level read
 
+    def describe(self) -> dict[str, float | int]:
+        """The tiles store's ``geometry`` attr; ``TileGeometry(**describe())`` rebuilds it."""
+        return {"tile_px": self.tile_px, "level": self.level, "downsample": self.downsample, "side0_px": self.side0_px, "side_level_px": self.side_level_px}
+
+    def cells(self, coords: np.ndarray) -> np.ndarray:
+        """Grid (row, col) of tiles given by level-0 ``coords`` (the inverse of ``coords``)."""
+        return np.round(np.asarray(coords, dtype=np.float64)[:, ::-1] / self.side0_px).astype(np.int64).reshape(-1, 2)
+
     @property
     def resized(self) -> bool:
         return self.side_level_px != self.tile_px
@@ -122,13 +137,13 @@ def tile_slide(
     with slides.open_slide(slide_path, slide_id=slide_id, mpp_override=mpp_override, allow_objective_power=spec["allow_objective_power"]) as slide:
         plan = plan_tiling(slide, spec=spec, threads=threads)
         geometry, coords = plan.geometry, plan.geometry.coords(plan.cells)
-        attrs = tiles_store_attrs(slide.info, level=geometry.level, spec=spec)
+        attrs = tiles_store_attrs(slide.info, geometry=geometry, spec=spec)
         if not len(coords):
             attrs["skipped"] = _no_tissue(slide.info, spec=spec)
         with stores.atomic_store(out_store, kind=stores.TILES, attrs=attrs) as group, stores.atomic_file(out_qc) as qc_tmp:
-            # Tiles are never all fill value: skip zarr's per-chunk emptiness test (it cost as much as compressing).
-            tiles = stores.create_tiles_array(group, n_tiles=len(coords), tile_px=geometry.tile_px)
-            write_in_chunks(tiles, batches=read_blocks(slide, blocks=plan.blocks, geometry=geometry, threads=threads))
+            if spec["store_pixels"]:
+                tiles = stores.create_tiles_array(group, n_tiles=len(coords), tile_px=geometry.tile_px)
+                write_in_chunks(tiles, batches=read_blocks(slide, blocks=plan.blocks, geometry=geometry, threads=threads))
             stores.write_array(group, "coords", coords)
             # zlib level 1: half the time of the default 6 for a ~15% larger QC image.
             qc_image(thumbnail=plan.thumbnail, mask=plan.mask, coords=coords, info=slide.info, geometry=geometry).save(qc_tmp, format="PNG", compress_level=1)
@@ -159,8 +174,9 @@ def expected_tiles_attrs(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {"tiling": dict(spec), "tile_px": spec["tile_px"], "target_mpp": spec["target_mpp"]}
 
 
-def tiles_store_attrs(info: slides.SlideInfo, *, level: int, spec: Mapping[str, Any]) -> dict[str, Any]:
+def tiles_store_attrs(info: slides.SlideInfo, *, geometry: TileGeometry, spec: Mapping[str, Any]) -> dict[str, Any]:
     """All attrs of a tiles store: the slide's identity, how it was read, and the tiling spec."""
+    level = geometry.level
     return {
         "slide_id": info.slide_id,
         "source": slides.source_identity(info.path),
@@ -170,6 +186,8 @@ def tiles_store_attrs(info: slides.SlideInfo, *, level: int, spec: Mapping[str, 
         "level": level,
         "level_downsample": info.level_downsamples[level],
         "coords_space": "level-0 pixels, (x, y) of the top-left corner",
+        "geometry": geometry.describe(),
+        "pixels": "stored" if spec["store_pixels"] else "read from the slide",
         **expected_tiles_attrs(spec),
     }
 
@@ -228,13 +246,21 @@ def block_cells(geometry: TileGeometry) -> int:
 def plan_blocks(cells: np.ndarray, *, block_cells: int) -> list[Block]:
     """Group cells into blocks of ``block_cells`` x ``block_cells`` grid cells, each cropped to
     the bounding box of its kept cells; bands top to bottom, blocks left to right."""
-    if not len(cells):
+    order, block_id = block_order(cells, block_cells=block_cells)
+    if not len(order):
         return []
+    groups = np.split(cells[order], np.flatnonzero(np.diff(block_id[order])) + 1)
+    return [_bounding_block(group) for group in groups]
+
+
+def block_order(cells: np.ndarray, *, block_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, block id) of cells: ``cells[order]`` is the concatenation of ``plan_blocks``'s
+    blocks, and ``block_id[i]`` the block of cell ``i`` (row-major within a block)."""
+    if not len(cells):
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
     band, window = cells[:, 0] // block_cells, cells[:, 1] // block_cells
     order = np.lexsort((cells[:, 1], cells[:, 0], window, band))
-    block_id = (band * (int(window.max()) + 1) + window)[order]
-    groups = np.split(cells[order], np.flatnonzero(np.diff(block_id)) + 1)
-    return [_bounding_block(group) for group in groups]
+    return order, band * (int(window.max()) + 1) + window
 
 
 def _bounding_block(cells: np.ndarray) -> Block:
@@ -249,20 +275,29 @@ def read_blocks(slide: slides.Slide, *, blocks: Iterable[Block], geometry: TileG
 
 
 def read_block(block: Block, *, slide: slides.Slide, geometry: TileGeometry) -> np.ndarray:
-    """One region read for the whole block (resized once if needed), cut into its kept tiles."""
+    """One region read for the whole block, cut into its kept tiles (each resized if needed)."""
     tile, side, downsample = geometry.tile_px, geometry.side_level_px, geometry.downsample
     # The block's exact origin in level px, and the whole pixel the read starts at.
     x0, y0 = block.col0 * side, block.row0 * side
     left, top = math.floor(x0), math.floor(y0)
-    out_size = (block.cols * tile, block.rows * tile)
     location = (round(left * downsample), round(top * downsample))
     if not geometry.resized:
-        pixels = slide.read_rgb(location=location, level=geometry.level, size=out_size)
-    else:
-        box = (x0 - left, y0 - top, x0 - left + block.cols * side, y0 - top + block.rows * side)
-        region = slide.read_image(location=location, level=geometry.level, size=(math.ceil(box[2]), math.ceil(box[3])))
-        pixels = slides.rgb_pixels(region.resize(out_size, Image.Resampling.BILINEAR, box=box, reducing_gap=None))
-    return cut_tiles(pixels, block=block, tile_px=tile)
+        pixels = slide.read_rgb(location=location, level=geometry.level, size=(block.cols * tile, block.rows * tile))
+        return cut_tiles(pixels, block=block, tile_px=tile)
+    region = slide.read_image(location=location, level=geometry.level, size=(math.ceil(x0 - left + block.cols * side), math.ceil(y0 - top + block.rows * side)))
+    return np.stack([_resized_tile(region, row=row, col=col, origin=(left, top), geometry=geometry) for row, col in block.cells])
+
+
+def _resized_tile(region: Image.Image, *, row: int, col: int, origin: tuple[int, int], geometry: TileGeometry) -> np.ndarray:
+    """One tile resized from exactly its own window of level pixels (the whole pixels it
+    overlaps): the filter never sees a neighbour's pixels, so the tile is the same whichever
+    block it is read in."""
+    side = geometry.side_level_px
+    x0, y0 = col * side - origin[0], row * side - origin[1]
+    window = (math.floor(x0), math.floor(y0), math.ceil(x0 + side), math.ceil(y0 + side))
+    box = (x0 - window[0], y0 - window[1], x0 - window[0] + side, y0 - window[1] + side)
+    crop = region.crop(window)
+    return slides.rgb_pixels(crop.resize((geometry.tile_px, geometry.tile_px), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
 
 
 def cut_tiles(region: np.ndarray, *, block: Block, tile_px: int) -> np.ndarray:

@@ -38,6 +38,7 @@ from wsiattack.attacks.oracle import MILHead
 from wsiattack.attacks.params import method_params, threat_marking, uses_mil_head
 from wsiattack.encoders.model import TileEncoder, channels_first, to_unit_pixels
 from wsiattack.errors import AttackError, StoreError
+from wsiattack.tilereader import TileReader
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,22 @@ def perturb_slide(
     device: torch.device,
     features_store: str | Path | None = None,
     mil_head: MILHead | None = None,
+    slide_path: str | Path | None = None,
+    reader_threads: int = 1,
 ) -> int:
     """Attack ``k`` tiles of one slide with ``spec`` (a normalised attack entry); return k.
 
     ``features_store`` (clean features of this slide and encoder) is required by the
     ``centrality`` selection and the gray-box attacks, and spares ``vulnerability`` a forward
     pass per tile; ``mil_head`` (``oracle.load_fold_head``) is required by the gray-box attacks.
+    The tiles' pixels come from ``TileReader`` (``slide_path``: where the slide is now, default
+    the path recorded at tiling).
     """
-    spec = dict(spec)
-    tiles = stores.open_store(tiles_store, kind=stores.TILES)["tiles"]
+    with TileReader(tiles_store, slide_path=slide_path, threads=reader_threads) as tiles:
+        return _perturb_tiles(slide_id=slide_id, tiles=tiles, encoder=encoder, spec=dict(spec), out_store=out_store, device=device, features_store=features_store, mil_head=mil_head)
+
+
+def _perturb_tiles(*, slide_id: str, tiles: TileReader, encoder: TileEncoder, spec: dict[str, Any], out_store: str | Path, device: torch.device, features_store: str | Path | None, mil_head: MILHead | None) -> int:
     n_tiles = tiles.shape[0]
     method, objective = build_method(spec)
     k = tiles_to_attack(n_tiles, **spec["budget"])

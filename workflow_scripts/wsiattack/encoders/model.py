@@ -252,10 +252,15 @@ def to_unit_pixels(tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def iter_batches(array, *, batch_size: int, prefetch: int = 2) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (start, uint8 batch) from a zarr (or numpy) array, reading ahead in a thread.
+    """Yield (start, uint8 batch) from a zarr (or numpy) array or a ``TileReader``, reading
+    ahead in background threads.
 
-    zarr decompression releases the GIL, so reading the next batches overlaps the forward pass.
+    zarr decompression and slide decoding release the GIL, so reading the next batches overlaps
+    the forward pass.
     """
+    if hasattr(array, "iter_batches"):  # a TileReader decodes slide blocks on its own threads
+        yield from array.iter_batches(batch_size=batch_size)
+        return
     starts = range(0, array.shape[0], batch_size)
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = [pool.submit(array.__getitem__, slice(s, s + batch_size)) for s in starts[:prefetch]]

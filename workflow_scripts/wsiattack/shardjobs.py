@@ -1,0 +1,81 @@
+"""The GPU rules' jobs: one encoder built per job, then every slide of one shard.
+
+``extract_shard`` embeds each slide's tiles into ``{out_dir}/{slide}.zarr``; ``attack_shard``
+perturbs each slide's selected tiles (``attacks.perturb.perturb_slide``) and re-embeds them
+(``extraction.reembed_slide``) in the same process, into two per-shard directories. Each output
+directory is written whole to a temporary sibling and renamed at the end (``stores.atomic_dir``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wsiattack import extraction, stores
+from wsiattack.attacks.perturb import perturb_slide
+from wsiattack.encoders.model import TileEncoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSlide:
+    """One slide of a shard: its id, its tiles store, and where the slide file is now."""
+
+    slide_id: str
+    tiles_store: str
+    slide_path: str | None = None
+
+
+def shard_slides(slide_ids: Sequence[str], tiles_stores: Sequence[str], slide_paths: Sequence[str] | None) -> list[ShardSlide]:
+    """Zip a rule's parallel lists (params slides, input tiles, input slides) into ShardSlides."""
+    paths = list(slide_paths) if slide_paths else [None] * len(slide_ids)
+    if not len(slide_ids) == len(tiles_stores) == len(paths):
+        raise ValueError(f"{len(slide_ids)} slide ids, {len(tiles_stores)} tiles stores and {len(paths)} slide paths")
+    return [ShardSlide(s, str(t), None if p is None else str(p)) for s, t, p in zip(slide_ids, tiles_stores, paths, strict=True)]
+
+
+def extract_shard(*, slides: Sequence[ShardSlide], encoder: TileEncoder, batch_size: int, device: torch.device, out_dir: str | Path, reader_threads: int = 1) -> int:
+    """Clean features of every slide of a shard; return the tiles embedded."""
+    started, total = time.perf_counter(), 0
+    with stores.atomic_dir(out_dir) as tmp:
+        for i, slide in enumerate(slides, 1):
+            total += extraction.extract_slide(slide_id=slide.slide_id, tiles_store=slide.tiles_store, slide_path=slide.slide_path, encoder=encoder, batch_size=batch_size, device=device, out_store=stores.slide_store(tmp, slide.slide_id), reader_threads=reader_threads)
+            log.info("shard: %d/%d slides extracted", i, len(slides))
+    log.info("shard of %d slides: %d tiles in %.1f s", len(slides), total, time.perf_counter() - started)
+    return total
+
+
+def attack_shard(
+    *,
+    slides: Sequence[ShardSlide],
+    encoder: TileEncoder,
+    spec: Mapping[str, Any],
+    batch_size: int,
+    device: torch.device,
+    out_attacks: str | Path,
+    out_reembedded: str | Path,
+    features_dir: str | Path | None = None,
+    mil_head_of: Callable[[str], Any] | None = None,
+    reader_threads: int = 1,
+) -> int:
+    """Perturb, then re-embed, the selected tiles of every slide of a shard; return the tiles attacked.
+
+    ``features_dir`` is the shard's clean features (for the selections and objectives that need
+    them); ``mil_head_of(slide_id)`` gives the gray-box attacks the head of the slide's test fold.
+    """
+    total = 0
+    with stores.atomic_dir(out_attacks) as attacks_tmp, stores.atomic_dir(out_reembedded) as reembedded_tmp:
+        for slide in slides:
+            attack_store = stores.slide_store(attacks_tmp, slide.slide_id)
+            features_store = stores.slide_store(features_dir, slide.slide_id) if features_dir else None
+            mil_head = mil_head_of(slide.slide_id) if mil_head_of else None
+            total += perturb_slide(slide_id=slide.slide_id, tiles_store=slide.tiles_store, slide_path=slide.slide_path, encoder=encoder, spec=spec, device=device, out_store=attack_store, features_store=features_store, mil_head=mil_head, reader_threads=reader_threads)
+            extraction.reembed_slide(slide_id=slide.slide_id, attack_store=attack_store, encoder=encoder, batch_size=batch_size, device=device, out_store=stores.slide_store(reembedded_tmp, slide.slide_id))
+    return total
