@@ -39,26 +39,32 @@ def _read_samples(path, mtime_ns):
     return read_samples(path, classes=CONFIG["classes"], base_dir=Path(path).parent)
 
 
-def samples():
-    """The validated sample sheet (after the demo cohort exists, when the demo is used)."""
+@functools.cache
+def _partition(path, mtime_ns):
+    return partition(list(_read_samples(path, mtime_ns).index), n_shards=CONFIG["shards"])
+
+
+def _sheet_key():
+    """(path, mtime) of the sample sheet, once the demo cohort exists when the demo is used:
+    the cache key of what is read from the sheet (input functions run for every job)."""
     if USES_DEMO:
         checkpoints.demo_cohort.get()
     path = CONFIG["samples"]
-    return _read_samples(path, os.stat(path).st_mtime_ns)
+    return path, os.stat(path).st_mtime_ns
+
+
+def samples():
+    """The validated sample sheet."""
+    return _read_samples(*_sheet_key())
 
 
 def slide_ids():
     return list(samples().index)
 
 
-@functools.cache
-def _partition(slides):
-    return partition(slides, n_shards=CONFIG["shards"])
-
-
 def shards():
     """Shard -> its slides (``wsiattack.shards``): the GPU rules run one job per shard."""
-    return _partition(tuple(slide_ids()))
+    return _partition(*_sheet_key())
 
 
 def shard_slides(wildcards):

@@ -39,7 +39,7 @@ def test_no_benchmarks_is_a_clear_error(tmp_path):
 
 
 def test_gpu_rules_are_read_from_the_rules():
-    assert cluster.gpu_rules(ROOT / "rules") == {"extract", "perturb", "reembed"}
+    assert cluster.gpu_rules(ROOT / "rules") == {"extract", "attack"}
 
 
 def test_local_rules_are_read_from_the_snakefile():
@@ -47,7 +47,7 @@ def test_local_rules_are_read_from_the_snakefile():
 
 
 def test_profile_block_is_replaced_and_the_rest_kept(tmp_path):
-    write_benchmark(tmp_path / "bench" / "perturb" / "a.tsv", wall_s=10, rss_mb=900)
+    write_benchmark(tmp_path / "bench" / "attack" / "a.tsv", wall_s=10, rss_mb=900)
     write_benchmark(tmp_path / "bench" / "summarize" / "a.tsv", wall_s=10, rss_mb=900)  # a local rule: not sized
     profile = tmp_path / "config.yaml"
     profile.write_text(PROFILE.read_text())
@@ -56,7 +56,7 @@ def test_profile_block_is_replaced_and_the_rest_kept(tmp_path):
     assert text.replace(re.search(r"# BEGIN.*# END cluster-resources", text, re.S).group(0), "") == PROFILE.read_text().replace(
         re.search(r"# BEGIN.*# END cluster-resources", PROFILE.read_text(), re.S).group(0), ""
     )
-    assert yaml.safe_load(text)["set-resources"] == {"perturb": {"mem_mb": "1500 * attempt", "runtime": "10 * attempt", "slurm_partition": "a100"}}
+    assert yaml.safe_load(text)["set-resources"] == {"attack": {"mem_mb": "1500 * attempt", "runtime": "10 * attempt", "slurm_partition": "a100"}}
 
 
 def test_slurm_profile_sizes_every_rule_and_sends_gpu_rules_to_the_gpu_partition():

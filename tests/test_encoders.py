@@ -23,7 +23,7 @@ from wsiattack.encoders.model import (
 )
 from wsiattack.errors import ConfigError, EncoderError
 
-DEMO_WEIGHTS_ID = "seeded:0:sha256:5b062dd45caad691"  # must never change: features stores record it
+DEMO_WEIGHTS_ID = "seeded:0:sha256:65319c0552bf38c6"  # must never change: features stores record it (same on every CPU)
 CANARY = "hf_canaryTOKEN0123456789"
 
 

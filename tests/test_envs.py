@@ -92,7 +92,7 @@ def test_env_pins_equal_requirements():
 
 def test_every_rule_env_has_what_its_script_imports():
     rules = rule_envs_and_scripts()
-    assert {r for r, _, _ in rules} >= {"demo_cohort", "tile", "extract", "perturb", "reembed", "split", "train_mil", "evaluate", "summarize", "plot_metrics", "plot_examples"}
+    assert {r for r, _, _ in rules} >= {"demo_cohort", "tile", "extract", "attack", "split", "train_mil", "evaluate", "summarize", "plot_metrics", "plot_examples"}
     for rule, env, script in rules:
         available = set(env_pins(env))
         needed = {DISTRIBUTIONS.get(m, m).lower() for m in third_party_imports(script)}

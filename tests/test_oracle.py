@@ -22,6 +22,7 @@ from wsiattack.evaluation import evaluate_attack
 from wsiattack.encoders.model import build_encoder
 from wsiattack.extraction import extract_slide, reembed_slide
 from wsiattack.mil import GatedABMIL, save_mil_checkpoint
+from wsiattack.shards import partition, shard_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -198,7 +199,9 @@ def test_dry_run_attention_attack_waits_for_the_heads_random_does_not(tmp_path):
         "rnd": {"method": "pgd", "eps": "4/255", "steps": 1},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    for attack in ("att", "oracle"):
-        jobs = dry_run_jobs(tmp_path, f"results/attacks/{attack}/demo/s0.zarr")
-        assert jobs == {"tile": 4, "extract": 4, "split": 1, "train_mil": 2, "perturb": 1}, jobs
-    assert dry_run_jobs(tmp_path, "results/attacks/rnd/demo/s0.zarr") == {"tile": 1, "perturb": 1}
+    members = partition([row["slide_id"] for row in rows], n_shards=config.get("shards", 4))
+    shard = shard_of("s0", n_shards=config.get("shards", 4))
+    for attack in ("att", "oracle"):  # every slide's features (training), then the heads
+        jobs = dry_run_jobs(tmp_path, f"results/attacks/{attack}/demo/{shard}")
+        assert jobs == {"tile": 4, "extract": len(members), "split": 1, "train_mil": 2, "attack": 1}, jobs
+    assert dry_run_jobs(tmp_path, f"results/attacks/rnd/demo/{shard}") == {"tile": len(members[shard]), "attack": 1}

@@ -1,5 +1,6 @@
 """Fault tolerance: kill the tiny run (SIGKILL, the whole process group) in the middle of the
-perturb stage, resume, and check that it finishes, nothing is corrupt and nothing finished is redone.
+attack stage (jobs mid-shard), resume, and check that it finishes, nothing is corrupt and nothing
+finished is redone.
 
 Slow tier.
 """
@@ -16,11 +17,13 @@ import zarr
 from small_tiny import write_small_tiny_config
 
 from wsiattack import stores
+from wsiattack.shards import partition
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 N_SLIDES, ATTACKS = 4, ("pgd", "noise")
-N_PERTURB_JOBS = N_SLIDES * len(ATTACKS)
+N_SHARDS = len(partition([f"demo_{i:03d}" for i in range(N_SLIDES)], n_shards=4))  # the default shard count
+N_ATTACK_JOBS = N_SHARDS * len(ATTACKS)
 
 
 def snakemake_command(workdir: Path, *args: str) -> list[str]:
@@ -28,16 +31,17 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
 
 
 def finished_attack_stores(workdir: Path) -> list[Path]:
-    return sorted((workdir / "results" / "attacks").glob("*/demo/*.zarr"))
+    """Finished per-shard attack outputs (a job mid-shard writes to a hidden temporary directory)."""
+    return sorted((workdir / "results" / "attacks").glob("*/demo/shard-*"))
 
 
-def run_until_perturb_is_half_done(workdir: Path, *, timeout_s: float = 600) -> None:
+def run_until_attack_is_half_done(workdir: Path, *, timeout_s: float = 600) -> None:
     process = subprocess.Popen(snakemake_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     try:
         while len(finished_attack_stores(workdir)) < 2:
-            assert process.poll() is None, "the run ended before the perturb stage could be interrupted"
-            assert time.monotonic() < deadline, "perturb stage not reached in time"
+            assert process.poll() is None, "the run ended before the attack stage could be interrupted"
+            assert time.monotonic() < deadline, "attack stage not reached in time"
             time.sleep(0.1)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the scheduler and every running job, at once
@@ -58,15 +62,15 @@ def output_mtimes(workdir: Path) -> dict[Path, int]:
     return found
 
 
-def test_killed_during_perturb_resumes_without_redoing_or_corrupting(tmp_path):
+def test_killed_during_attack_resumes_without_redoing_or_corrupting(tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     write_small_tiny_config(workdir / "config.yaml", n_slides=N_SLIDES, attacks=ATTACKS)
 
-    run_until_perturb_is_half_done(workdir)
+    run_until_attack_is_half_done(workdir)
     done_before = output_mtimes(workdir)
     attacks_before = finished_attack_stores(workdir)
-    assert 2 <= len(attacks_before) < N_PERTURB_JOBS
+    assert 2 <= len(attacks_before) < N_ATTACK_JOBS
 
     # What a user does after a crash: release the lock of the dead run, then run again.
     subprocess.run(snakemake_command(workdir, "--unlock"), check=True, capture_output=True, timeout=120)
@@ -76,7 +80,7 @@ def test_killed_during_perturb_resumes_without_redoing_or_corrupting(tmp_path):
     done_after = output_mtimes(workdir)
     redone = [str(p) for p, mtime in done_before.items() if done_after.get(p) != mtime]
     assert not redone, f"finished outputs were redone: {redone}"
-    assert len(finished_attack_stores(workdir)) == N_PERTURB_JOBS
+    assert len(finished_attack_stores(workdir)) == N_ATTACK_JOBS
     assert not list((workdir / "results").rglob(".*.tmp-*")), "debris of the killed jobs was left behind"
     for store_path in done_after:
         if store_path.suffix == ".zarr":  # every chunk of every store decodes

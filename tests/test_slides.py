@@ -225,7 +225,7 @@ def test_dicom_wsi_is_read_and_tiled(tmp_path):
     assert (info.width_px, info.height_px) == (3584, 2688) and info.level_downsamples == pytest.approx((1.0, 4.0))
     np.testing.assert_array_equal(region, image)  # uncompressed frames: exact, edge padding cropped
     spec = {"tile_px": 224, "target_mpp": 0.5, "mpp_tolerance": 0.05, "allow_objective_power": False, "skip_empty": False,
-            "tissue": {"method": "otsu", "min_fraction": 0.5, "thumbnail_mpp": 8.0, "min_object_um2": 20000.0, "max_hole_um2": 20000.0}}
+            "store_pixels": True, "tissue": {"method": "otsu", "min_fraction": 0.5, "thumbnail_mpp": 8.0, "min_object_um2": 20000.0, "max_hole_um2": 20000.0}}
     out = tmp_path / "tiles.zarr"
     n = tiling.tile_slide(slide_id="s1", slide_path=path, spec=spec, out_store=out, out_qc=tmp_path / "qc.png")
     group = zarr.open_group(out, mode="r")

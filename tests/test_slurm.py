@@ -14,6 +14,7 @@ import pytest
 from live_slurm import LiveSlurm, unavailable_reason
 from small_tiny import write_small_tiny_config
 from wsiattack import cluster, stores
+from wsiattack.shards import partition, shard_of
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,17 +56,15 @@ def rule_of(job: dict[str, str]) -> str:
     return job["Comment"].removeprefix("rule_").split("_wildcards_")[0]
 
 
-GROUP_JOB = "attack_tiles_perturb_reembed"  # the profile's group: perturb and reembed of one attack
-
-
 def test_every_job_ran_on_slurm_and_gpu_rules_asked_for_a_gpu(slurm_run):
     workdir, jobs = slurm_run
     assert jobs and all(job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0" for job in jobs)
     gpu_jobs = [job for job in jobs if "gres:gpu:1" in job.get("TresPerJob", "")]
     cpu_jobs = [job for job in jobs if job not in gpu_jobs]
     gpu_rules = [rule_of(job) for job in gpu_jobs]
-    assert sorted(set(gpu_rules)) == [GROUP_JOB, "extract"]
-    assert gpu_rules.count("extract") == N_SLIDES and gpu_rules.count(GROUP_JOB) == N_SLIDES * len(ATTACKS)
+    n_shards = len(partition([f"demo_{i:03d}" for i in range(N_SLIDES)], n_shards=4))  # the default shard count
+    assert sorted(set(gpu_rules)) == ["attack", "extract"]  # one job per shard, perturb + re-embed in one
+    assert gpu_rules.count("extract") == n_shards and gpu_rules.count("attack") == n_shards * len(ATTACKS)
     assert all(job["Partition"] == "gpu" for job in gpu_jobs)
     assert {rule_of(job) for job in cpu_jobs} == {"tile", "train_mil", "evaluate"}
     assert not LOCAL_RULES & {rule_of(job) for job in jobs}  # they ran beside Snakemake (outputs: next test)
@@ -86,7 +85,7 @@ def test_outputs_are_complete_and_consistent(slurm_run):
     assert len(slide_ids) == N_SLIDES
     for slide in slide_ids:
         for attack in ATTACKS:
-            stores.open_store(results / "reembedded" / attack / "demo" / f"{slide}.zarr", kind=stores.REEMBEDDED)
+            stores.open_store(results / "reembedded" / attack / "demo" / shard_of(slide, n_shards=4) / f"{slide}.zarr", kind=stores.REEMBEDDED)
     assert not list(results.rglob(".*.tmp-*"))  # no half-written output left anywhere
     # The local executor agrees that nothing is missing or stale.
     dry = subprocess.run(

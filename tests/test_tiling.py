@@ -11,6 +11,7 @@ from PIL import Image
 from test_slides import GLASS, PINK, corrupt_level0, slide_image, write_svs, write_tiff
 
 from wsiattack import stores, tiling
+from wsiattack.tilereader import TileReader
 from wsiattack.errors import SlideError
 
 SPEC = {
@@ -19,8 +20,10 @@ SPEC = {
     "mpp_tolerance": 0.05,
     "allow_objective_power": False,
     "skip_empty": False,
+    "store_pixels": False,
     "tissue": {"method": "otsu", "min_fraction": 0.5, "thumbnail_mpp": 8.0, "min_object_um2": 20000.0, "max_hole_um2": 20000.0},
 }
+PIXELS_SPEC = {**SPEC, "store_pixels": True}
 
 
 def run(tmp_path: Path, slide: Path, *, spec=SPEC, **kwargs) -> tuple[int, Path]:
@@ -30,8 +33,11 @@ def run(tmp_path: Path, slide: Path, *, spec=SPEC, **kwargs) -> tuple[int, Path]
 
 
 def load(out: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Tiles (as every stage gets them, through TileReader), coords and attrs of a tiles store."""
+    with TileReader(out) as reader:
+        tiles = reader[:]
     group = stores.open_store(out, kind=stores.TILES)
-    return np.asarray(group["tiles"][...]), np.asarray(group["coords"][...]), dict(group.attrs)
+    return tiles, np.asarray(group["coords"][...]), dict(group.attrs)
 
 
 def assert_the_pink_rectangle(tiles: np.ndarray, coords: np.ndarray, *, mpp: float) -> None:
@@ -222,7 +228,7 @@ def test_threads_give_a_byte_identical_store(tmp_path, monkeypatch):
         monkeypatch.setattr(tiling, "WRITE_CHUNKS", chunks_per_write)
         monkeypatch.setattr(stores, "TILES_PER_CHUNK", 3)  # 16 tiles: 6 chunks, the last one partial
         (tmp_path / str(threads)).mkdir()
-        _, out = run(tmp_path / str(threads), path, threads=threads)
+        _, out = run(tmp_path / str(threads), path, spec=PIXELS_SPEC, threads=threads)
         stores_.append(load(out))
         files.append({f.relative_to(out.parent).as_posix(): f.read_bytes() for f in out.parent.rglob("*") if f.is_file()})
     np.testing.assert_array_equal(stores_[0][0], stores_[1][0])
@@ -293,8 +299,54 @@ def test_undecodable_tiles_stop_the_job_without_a_store(tmp_path, threads, monke
     monkeypatch.setattr(tiling, "BLOCK_LEVEL_PX", 500)  # many blocks: the error arrives mid-way
     path = corrupt_level0(write_tiff(tmp_path / "bad.tiff", slide_image(0.5), mpp=0.5, downsamples=(1, 16)))
     with pytest.raises(SlideError, match=r"^slide 's1': .*bad\.tiff could not be decoded"):
-        run(tmp_path, path, threads=threads)
+        run(tmp_path, path, spec=PIXELS_SPEC, threads=threads)
     assert no_outputs_left(tmp_path)
+
+
+def test_undecodable_tiles_of_a_coordinate_store_fail_the_reader_naming_the_slide(tmp_path):
+    """Without pixels in the store, the damage shows when a stage reads the tiles: one clear error."""
+    path = corrupt_level0(write_tiff(tmp_path / "bad.tiff", slide_image(0.5), mpp=0.5, downsamples=(1, 16)))
+    _, out = run(tmp_path, path)
+    with TileReader(out, threads=2) as reader, pytest.raises(SlideError, match=r"^slide 's1': .*bad\.tiff could not be decoded"):
+        list(reader.iter_batches(batch_size=4))
+
+
+# --------------------------------------------------------------------------------------------
+# The shared reader: every stage gets the same bytes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["tiff", "svs"])  # native level, and resized by 425.05 / 224
+def test_coordinate_store_reads_the_same_bytes_as_a_pixel_store_in_any_order_or_subset(tmp_path, layout, monkeypatch):
+    monkeypatch.setattr(tiling, "BLOCK_LEVEL_PX", 700)  # several blocks, so subsets cut blocks differently
+    if layout == "svs":
+        path = write_svs(tmp_path / "a.svs", slide_image(0.2635, seed=5), mpp=0.2635)
+    else:
+        path = write_tiff(tmp_path / "a.tiff", slide_image(0.5, seed=5), mpp=0.5)
+    (tmp_path / "c").mkdir(), (tmp_path / "p").mkdir()
+    _, coords_only = run(tmp_path / "c", path)
+    _, with_pixels = run(tmp_path / "p", path, spec=PIXELS_SPEC)
+    assert "tiles" not in stores.open_store(coords_only, kind=stores.TILES)
+    stored = np.asarray(stores.open_store(with_pixels, kind=stores.TILES)["tiles"][...])
+    with TileReader(coords_only) as reader:
+        np.testing.assert_array_equal(reader[:], stored)
+        np.testing.assert_array_equal(np.concatenate([b for _, b in reader.iter_batches(batch_size=5)]), stored)
+        for seed in range(3):  # single tiles and scattered subsets, repeats included, any order
+            index = np.random.default_rng(seed).integers(0, len(stored), size=1 + 4 * seed)
+            np.testing.assert_array_equal(reader.read(index), stored[index])
+    with TileReader(with_pixels) as reader:
+        np.testing.assert_array_equal(reader.read(np.array([3, 0])), stored[[3, 0]])
+
+
+def test_reader_refuses_a_slide_that_changed_since_tiling(tmp_path):
+    path = write_tiff(tmp_path / "a.tiff", slide_image(0.5), mpp=0.5)
+    _, out = run(tmp_path, path)
+    other = write_tiff(tmp_path / "b.tiff", slide_image(0.5, seed=9), mpp=0.5)
+    with TileReader(out, slide_path=other) as reader, pytest.raises(stores.StoreError, match=r"b\.tiff is not the slide that was tiled"):
+        reader.read(np.array([0]))
+    path.unlink()
+    with TileReader(out) as reader, pytest.raises(stores.StoreError, match=r"its slide .*a\.tiff is missing"):
+        reader.read(np.array([0]))
 
 
 def test_a_slide_smaller_than_one_tile_is_an_error(tmp_path):

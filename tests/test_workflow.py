@@ -17,6 +17,8 @@ import yaml
 from small_tiny import TINY_CONFIG as TINY
 
 from wsiattack import stores
+from wsiattack.shards import partition, shard_of
+from wsiattack.tilereader import TileReader
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,20 +61,28 @@ def test_summary_has_every_metric_for_every_attack(tiny):
 def test_stores_agree_with_each_other(tiny):
     evaluation = pd.read_csv(tiny / "results" / "eval" / "demo" / "abmil" / "pgd.csv", dtype={"slide_id": str})
     assert len(evaluation) == 6 and set(evaluation["fold"]) == {0, 1}
+    results = tiny / "results"
+    n_shards = current_config(tiny).get("shards", 4)
+
+    def shard_store(stage: str, slide: str, kind: str):
+        shard = shard_of(slide, n_shards=n_shards)  # the per-slide store sits in its shard's directory
+        return stores.open_store(results / stage / "demo" / shard / f"{slide}.zarr", kind=kind)
+
     for slide in evaluation["slide_id"]:
-        results = tiny / "results"
         tiles = stores.open_store(results / "tiles" / f"{slide}.zarr", kind=stores.TILES)
-        features = stores.open_store(results / "features" / "demo" / f"{slide}.zarr", kind=stores.FEATURES)
-        attack = stores.open_store(results / "attacks" / "pgd" / "demo" / f"{slide}.zarr", kind=stores.ATTACK)
-        noise = stores.open_store(results / "attacks" / "noise" / "demo" / f"{slide}.zarr", kind=stores.ATTACK)
-        replaced = stores.open_store(results / "reembedded" / "pgd" / "demo" / f"{slide}.zarr", kind=stores.REEMBEDDED)
-        n = tiles["tiles"].shape[0]
+        assert "tiles" not in tiles  # coordinates only by default: the pixels stay in the slide
+        features = shard_store("features", slide, stores.FEATURES)
+        attack = shard_store("attacks/pgd", slide, stores.ATTACK)
+        noise = shard_store("attacks/noise", slide, stores.ATTACK)
+        replaced = shard_store("reembedded/pgd", slide, stores.REEMBEDDED)
+        reader = TileReader(results / "tiles" / f"{slide}.zarr", slide_path=results / "demo" / "slides" / f"{slide}.tiff")
+        n = reader.shape[0]
         assert features["features"].shape == (n, 192) and features.attrs["encoder"] == "demo"
         k = max(1, round(0.05 * n))
         np.testing.assert_array_equal(attack["index"][...], replaced["index"][...])
         np.testing.assert_array_equal(attack["index"][...], noise["index"][...])  # same tiles as the control
         assert replaced["features"].shape == (k, 192)
-        assert np.abs(attack["adv_tiles"][...].astype(int) - tiles["tiles"].get_orthogonal_selection((attack["index"][...],)).astype(int)).max() <= 4
+        assert np.abs(attack["adv_tiles"][...].astype(int) - reader.read(attack["index"][...]).astype(int)).max() <= 4
         assert (tiny / "results" / "qc" / f"{slide}.png").exists()
     assert (evaluation["k"] >= 1).all()
 
@@ -101,10 +111,11 @@ def test_editing_one_attack_reruns_only_that_attack(tiny):
     ok(snakemake(tiny))
     ran = changed_benchmarks(tiny, since)
     rules = {name.split("/")[0] for name in ran}
-    assert rules == {"perturb", "reembed", "evaluate", "summarize", "plot_metrics", "plot_examples"}, ran
+    assert rules == {"attack", "evaluate", "summarize", "plot_metrics", "plot_examples"}, ran
     assert all("pgd" in name for name in ran if not name.startswith(("summarize", "plot_metrics"))), ran
-    assert len([n for n in ran if n.startswith("perturb/")]) == 6
-    adv = stores.open_store(tiny / "results" / "attacks" / "pgd" / "demo" / "demo_000.zarr", kind=stores.ATTACK)
+    assert len([n for n in ran if n.startswith("attack/")]) == len(tiny_shards(tiny))  # one job per shard
+    shard = shard_of("demo_000", n_shards=config.get("shards", 4))
+    adv = stores.open_store(tiny / "results" / "attacks" / "pgd" / "demo" / shard / "demo_000.zarr", kind=stores.ATTACK)
     assert adv.attrs["attack"]["eps"] == pytest.approx(2 / 255) and float(np.max(adv["linf"][...])) <= 2 / 255 + 1e-7
 
 
@@ -174,6 +185,11 @@ def current_config(workdir: Path) -> dict:
     return yaml.safe_load((workdir / "config.yaml").read_text())
 
 
+def tiny_shards(workdir: Path) -> dict[str, list[str]]:
+    slides = pd.read_csv(workdir / "results" / "demo" / "samples.csv", dtype={"slide_id": str})["slide_id"]
+    return partition(slides, n_shards=current_config(workdir).get("shards", 4))
+
+
 def test_editing_mil_settings_reruns_no_slide_level_job(tiny):
     config = current_config(tiny)
     config["mil"]["epochs"] = 7
@@ -185,7 +201,9 @@ def test_editing_tiling_reruns_every_slide(tiny):
     config = current_config(tiny)
     config["tiling"]["tissue"]["min_fraction"] = 0.6
     jobs = planned_jobs(tiny, config)
-    for rule, count in {"tile": 6, "extract": 6, "perturb": 12, "reembed": 12, "train_mil": 2, "evaluate": 2}.items():
+    n_shards = len(tiny_shards(tiny))
+    assert 1 < n_shards < 6  # the tiny cohort's 6 slides fall into a few shards
+    for rule, count in {"tile": 6, "extract": n_shards, "attack": 2 * n_shards, "train_mil": 2, "evaluate": 2}.items():
         assert jobs.get(rule) == count, jobs
     assert "demo_cohort" not in jobs
 
@@ -200,5 +218,6 @@ def test_adding_a_slide_runs_only_its_jobs_and_the_cohort_level_ones(tiny):
     config = current_config(tiny)
     config["samples"] = "grown.csv"
     jobs = planned_jobs(tiny, config)
-    assert {r: jobs.get(r) for r in ("tile", "extract", "perturb", "reembed")} == {"tile": 1, "extract": 1, "perturb": 2, "reembed": 2}, jobs
+    # one tile job, and one GPU job per (encoder, attack) for the one shard the slide joins
+    assert {r: jobs.get(r) for r in ("tile", "extract", "attack")} == {"tile": 1, "extract": 1, "attack": 2}, jobs
     assert jobs["split"] == 1 and jobs["train_mil"] == 2 and jobs["evaluate"] == 2

@@ -39,10 +39,12 @@ class TileReader:
     def __init__(self, store_path: str | Path, *, slide_path: str | Path | None = None, threads: int = 1):
         self.store_path = Path(store_path)
         self.group = stores.open_store(store_path, kind=stores.TILES)
-        self.coords = np.asarray(self.group["coords"][...])
-        self.threads = max(1, int(threads))
-        self.tile_px = int(self.group.attrs["tile_px"])
         self._pixels = self.group["tiles"] if "tiles" in self.group else None
+        if self._pixels is None and "geometry" not in self.group.attrs:
+            raise StoreError(f"{store_path}: a tiles store with neither pixels nor a tiling geometry; re-run tiling")
+        self.coords = np.asarray(self.group["coords"][...]) if "coords" in self.group else np.zeros((self._pixels.shape[0], 2), dtype=np.int64)
+        self.threads = max(1, int(threads))
+        self.tile_px = int(self._pixels.shape[1]) if self._pixels is not None else int(self.group.attrs["geometry"]["tile_px"])
         self._slide_path = slide_path
         self._slide = None
         self._geometry = None

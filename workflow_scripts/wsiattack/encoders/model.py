@@ -203,9 +203,29 @@ def _backbone_with_weights(spec: EncoderSpec, checkpoint: str | None) -> tuple[n
 
 
 def _seeded_architecture(spec: EncoderSpec) -> nn.Module:
+    """The architecture with seeded random weights that are the same on every machine.
+
+    torch's initialisers are not: their vectorised kernels (e.g. erfinv in trunc_normal_) differ
+    in the last bits between CPU capabilities (AVX2 / AVX-512) and thread counts. So each
+    tensor keeps only the scale of its torch initialisation (mean and std, rounded to 6
+    significant digits) and is redrawn from numpy's PCG64, which gives the same numbers
+    everywhere; constant tensors (norm weights, biases) stay as initialised.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        return build_architecture(spec)
+        model = build_architecture(spec)
+    with torch.no_grad():
+        for i, (name, tensor) in enumerate(sorted(model.state_dict().items())):
+            if not tensor.is_floating_point() or tensor.numel() < 2:
+                continue
+            values = tensor.double()
+            std = float(f"{values.std().item():.6g}")
+            if std == 0:
+                continue
+            mean = float(f"{values.mean().item():.6g}")
+            draw = np.random.default_rng([spec.seed, i]).standard_normal(tensor.numel())
+            tensor.copy_(torch.from_numpy(mean + std * draw).reshape(tensor.shape))
+    return model
 
 
 def _load_weights(spec: EncoderSpec, state: weights.StateDict, *, source: str) -> nn.Module:
