@@ -29,8 +29,7 @@ def oracle_heads(wildcards):
 
 rule attack:
     input:
-        tiles=shard_tiles,
-        slides=shard_slide_files,
+        tiles="results/tiles/{shard}",
         features=selection_features,
         splits=oracle_splits,
         mil_heads=oracle_heads,

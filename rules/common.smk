@@ -71,15 +71,6 @@ def shard_slides(wildcards):
     return shards()[wildcards.shard]
 
 
-def shard_tiles(wildcards):
-    return expand("results/tiles/{slide}.zarr", slide=shard_slides(wildcards))
-
-
-def shard_slide_files(wildcards):
-    """The shard's slide files, which the GPU rules read the pixels from (unless tiling stored them)."""
-    return [] if CONFIG["tiling"]["store_pixels"] else [samples().loc[s, "path"] for s in shard_slides(wildcards)]
-
-
 def per_shard(pattern, **wildcards):
     """``pattern`` (with ``{shard}``) for every shard of the cohort."""
     return expand(pattern, shard=list(shards()), **wildcards)

@@ -1,11 +1,12 @@
 # Clean features, once per (encoder, shard of slides): one job loads the encoder once for all the
 # shard's slides and writes one features store per slide, shared by every attack and MIL head.
+# The pixels are re-read from the slides, at the paths the tiles stores recorded (the sample
+# sheet's): a slide that changes re-runs its tile job and so everything after it.
 
 
 rule extract:
     input:
-        tiles=shard_tiles,
-        slides=shard_slide_files,
+        tiles="results/tiles/{shard}",
     output:
         features=directory("results/features/{encoder}/{shard}"),
     params:

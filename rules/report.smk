@@ -42,21 +42,21 @@ def example_slides(wildcards):
     return slide_ids()[: CONFIG["evaluation"]["n_example_tiles"]]
 
 
-def example_attack_dirs(wildcards):
-    """The attack outputs of the shards that hold the example slides."""
+def example_shards(wildcards):
+    """The shards that hold the example slides."""
     wanted = set(example_slides(wildcards))
-    return [
-        f"results/attacks/{wildcards.attack}/{wildcards.encoder}/{shard}"
-        for shard, members in shards().items()
-        if wanted.intersection(members)
-    ]
+    return [shard for shard, members in shards().items() if wanted.intersection(members)]
 
 
 rule plot_examples:
     input:
-        tiles=lambda wildcards: expand("results/tiles/{slide}.zarr", slide=example_slides(wildcards)),
-        slides=lambda wildcards: [samples().loc[s, "path"] for s in example_slides(wildcards)],
-        attacks=example_attack_dirs,
+        tiles=lambda wildcards: expand("results/tiles/{shard}", shard=example_shards(wildcards)),
+        attacks=lambda wildcards: expand(
+            "results/attacks/{attack}/{encoder}/{shard}",
+            attack=wildcards.attack,
+            encoder=wildcards.encoder,
+            shard=example_shards(wildcards),
+        ),
     output:
         plot=report(
             "results/plots/examples/{attack}/{encoder}.png",

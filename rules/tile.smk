@@ -1,34 +1,36 @@
-# Slide -> tiles store (zarr v3) at the target resolution, plus a QC thumbnail.
+# Slides -> tiles stores (zarr v3: coordinates and geometry; pixels only with tiling.store_pixels)
+# at the target resolution, plus QC thumbnails: one job per shard of slides.
 import math
 
 
-def slide_mpp_override(slide):
+def slide_mpp_overrides(wildcards):
+    """The sample sheet's mpp of the shard's slides that have one (part of the tiling spec)."""
     sheet = samples()
     if "mpp" not in sheet.columns:
-        return None
-    mpp = float(sheet.loc[slide, "mpp"])
-    return None if math.isnan(mpp) else mpp
+        return {}
+    mpps = {slide: float(sheet.loc[slide, "mpp"]) for slide in shard_slides(wildcards)}
+    return {slide: mpp for slide, mpp in mpps.items() if not math.isnan(mpp)}
 
 
 rule tile:
     input:
-        slide=lambda wildcards: samples().loc[wildcards.slide, "path"],
+        slides=lambda wildcards: [samples().loc[s, "path"] for s in shard_slides(wildcards)],
     output:
-        store=directory("results/tiles/{slide}.zarr"),
+        tiles=directory("results/tiles/{shard}"),
         qc=report(
-            "results/qc/{slide}.png",
+            directory("results/qc/{shard}"),
+            patterns=["{slide}.png"],
             caption="captions/qc.rst",
             category="Tiling QC",
-            labels={"slide": "{slide}"},
         ),
     params:
         spec=lambda wildcards: spec(
-            {"tiling": CONFIG["tiling"], "mpp_override": slide_mpp_override(wildcards.slide)}
+            {"tiling": CONFIG["tiling"], "mpp_override": slide_mpp_overrides(wildcards), "slides": shard_slides(wildcards)}
         ),
     log:
-        log_path("tile", "slide"),
+        log_path("tile", "shard"),
     benchmark:
-        benchmark_path("tile", "slide")
+        benchmark_path("tile", "shard")
     threads: 2  # region reads are decoded in parallel (OpenSlide releases the GIL)
     resources:
         mem_mb=2000,
@@ -40,7 +42,7 @@ rule tile:
 
 rule list_skipped:
     input:
-        tiles=lambda wildcards: expand("results/tiles/{slide}.zarr", slide=slide_ids()),
+        tiles=lambda wildcards: per_shard("results/tiles/{shard}"),
     output:
         skipped="results/skipped_slides.csv",
     params:

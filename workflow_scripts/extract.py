@@ -4,9 +4,10 @@ from wsiattack.encoders.model import build_encoder
 
 
 def main(smk, spec):
-    for tiles in smk.input.tiles:
-        stores.open_tiles(tiles, expected=tiling.expected_tiles_attrs(spec["tiling"]))  # refuse stale tiles
-    slides = shardjobs.shard_slides(spec["slides"], smk.input.tiles, smk.input.slides)
+    tiles = [stores.slide_store(smk.input.tiles, slide) for slide in spec["slides"]]
+    for store in tiles:
+        stores.open_tiles(store, expected=tiling.expected_tiles_attrs(spec["tiling"]))  # refuse stale tiles
+    slides = shardjobs.shard_slides(spec["slides"], tiles)
     shardjobs.extract_shard(slides=slides, encoder=build_encoder(**spec["encoder"]), batch_size=spec["batch_size"], device=runtime.resolve_device(smk.params.device), out_dir=smk.output.features, reader_threads=smk.threads)
 
 

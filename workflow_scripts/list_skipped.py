@@ -5,7 +5,7 @@ from wsiattack import rulekit, stores
 
 
 def main(smk, spec):
-    rows = stores.skipped_slides(list(smk.input.tiles))
+    rows = stores.skipped_slides(stores.slide_stores(smk.input.tiles))
     with stores.atomic_file(smk.output.skipped) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["slide_id", "reason"])
         writer.writeheader()

@@ -33,8 +33,9 @@ class ShardSlide:
     slide_path: str | None = None
 
 
-def shard_slides(slide_ids: Sequence[str], tiles_stores: Sequence[str], slide_paths: Sequence[str] | None) -> list[ShardSlide]:
-    """Zip a rule's parallel lists (params slides, input tiles, input slides) into ShardSlides."""
+def shard_slides(slide_ids: Sequence[str], tiles_stores: Sequence[str | Path], slide_paths: Sequence[str] | None = None) -> list[ShardSlide]:
+    """Zip parallel lists (slide ids, tiles stores, optionally slide paths) into ShardSlides;
+    without paths, each slide is read where its tiles store recorded it (the sample sheet's path)."""
     paths = list(slide_paths) if slide_paths else [None] * len(slide_ids)
     if not len(slide_ids) == len(tiles_stores) == len(paths):
         raise ValueError(f"{len(slide_ids)} slide ids, {len(tiles_stores)} tiles stores and {len(paths)} slide paths")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -149,6 +149,16 @@ def tile_slide(
             qc_image(thumbnail=plan.thumbnail, mask=plan.mask, coords=coords, info=slide.info, geometry=geometry).save(qc_tmp, format="PNG", compress_level=1)
     log.info("%s: %d tiles at level %d (%.3f µm/px read, %.3f target, mpp from %s)", slide_id, len(coords), geometry.level, slide.info.level_mpp(geometry.level), spec["target_mpp"], slide.info.mpp_source)
     return len(coords)
+
+
+def tile_shard(*, slides: Sequence[tuple[str, str, float | None]], spec: Mapping[str, Any], out_dir: str | Path, out_qc_dir: str | Path, threads: int = 1) -> int:
+    """Tile every (slide_id, slide_path, mpp_override) of a shard into ``{out_dir}/{slide_id}.zarr``
+    and ``{out_qc_dir}/{slide_id}.png``; return the tiles. Both directories appear only complete."""
+    total = 0
+    with stores.atomic_dir(out_dir) as tmp, stores.atomic_dir(out_qc_dir) as qc_tmp:
+        for slide_id, slide_path, mpp_override in slides:
+            total += tile_slide(slide_id=slide_id, slide_path=slide_path, spec=spec, out_store=stores.slide_store(tmp, slide_id), out_qc=Path(qc_tmp) / f"{slide_id}.png", mpp_override=mpp_override, threads=threads)
+    return total
 
 
 def plan_tiling(slide: slides.Slide, *, spec: Mapping[str, Any], threads: int) -> TilingPlan:
