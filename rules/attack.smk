@@ -43,7 +43,6 @@ rule attack:
                 "encoder": wsiconfig.encoder_spec(CONFIG, wildcards.encoder),
                 "batch_size": CONFIG["extraction"]["batch_size"],
                 "tiling": CONFIG["tiling"],
-                "slides": shard_slides(wildcards),
             }
         ),
         device=CONFIG["device"],

@@ -1,7 +1,9 @@
 # Clean features, once per (encoder, shard of slides): one job loads the encoder once for all the
 # shard's slides and writes one features store per slide, shared by every attack and MIL head.
-# The pixels are re-read from the slides, at the paths the tiles stores recorded (the sample
-# sheet's): a slide that changes re-runs its tile job and so everything after it.
+# The shard's slides are the stores in its tiles directory, and their pixels are re-read from the
+# slides at the paths those stores recorded (the sample sheet's): the job needs neither the sheet
+# nor the demo checkpoint (a cluster job could not wait for it), and a slide that changes re-runs
+# its tile job and so everything after it.
 
 
 rule extract:
@@ -15,7 +17,6 @@ rule extract:
                 "encoder": wsiconfig.encoder_spec(CONFIG, wildcards.encoder),
                 "batch_size": CONFIG["extraction"]["batch_size"],
                 "tiling": CONFIG["tiling"],
-                "slides": shard_slides(wildcards),
             }
         ),
         device=CONFIG["device"],  # not a spec: moving to a GPU must not re-run finished work

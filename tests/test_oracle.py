@@ -203,5 +203,5 @@ def test_dry_run_attention_attack_waits_for_the_heads_random_does_not(tmp_path):
     shard = shard_of("s0", n_shards=config.get("shards", 4))
     for attack in ("att", "oracle"):  # every slide's features (training), then the heads
         jobs = dry_run_jobs(tmp_path, f"results/attacks/{attack}/demo/{shard}")
-        assert jobs == {"tile": 4, "extract": len(members), "split": 1, "train_mil": 2, "attack": 1}, jobs
-    assert dry_run_jobs(tmp_path, f"results/attacks/rnd/demo/{shard}") == {"tile": len(members[shard]), "attack": 1}
+        assert jobs == {"tile": len(members), "extract": len(members), "split": 1, "train_mil": 2, "attack": 1}, jobs
+    assert dry_run_jobs(tmp_path, f"results/attacks/rnd/demo/{shard}") == {"tile": 1, "attack": 1}  # its own shard only

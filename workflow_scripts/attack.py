@@ -6,13 +6,13 @@ from wsiattack.encoders.model import build_encoder
 
 
 def main(smk, spec):
-    tiles = [stores.slide_store(smk.input.tiles, slide) for slide in spec["slides"]]
-    for store in tiles:
-        stores.open_tiles(store, expected=tiling.expected_tiles_attrs(spec["tiling"]))  # refuse stale tiles
+    slides = shardjobs.slides_in(smk.input.tiles)
+    for slide in slides:
+        stores.open_tiles(slide.tiles_store, expected=tiling.expected_tiles_attrs(spec["tiling"]))  # refuse stale tiles
     # gray-box attacks: the head of the fold in which the slide is a test slide
     mil_head_of = (lambda slide_id: load_fold_head(slide_id=slide_id, splits_csv=smk.input.splits, model_paths=smk.input.mil_heads)) if uses_mil_head(spec["attack"]) else None
     shardjobs.attack_shard(
-        slides=shardjobs.shard_slides(spec["slides"], tiles),
+        slides=slides,
         encoder=build_encoder(**spec["encoder"]),
         spec=spec["attack"],
         batch_size=spec["batch_size"],

@@ -4,10 +4,9 @@ from wsiattack.encoders.model import build_encoder
 
 
 def main(smk, spec):
-    tiles = [stores.slide_store(smk.input.tiles, slide) for slide in spec["slides"]]
-    for store in tiles:
-        stores.open_tiles(store, expected=tiling.expected_tiles_attrs(spec["tiling"]))  # refuse stale tiles
-    slides = shardjobs.shard_slides(spec["slides"], tiles)
+    slides = shardjobs.slides_in(smk.input.tiles)
+    for slide in slides:
+        stores.open_tiles(slide.tiles_store, expected=tiling.expected_tiles_attrs(spec["tiling"]))  # refuse stale tiles
     shardjobs.extract_shard(slides=slides, encoder=build_encoder(**spec["encoder"]), batch_size=spec["batch_size"], device=runtime.resolve_device(smk.params.device), out_dir=smk.output.features, reader_threads=smk.threads)
 
 

@@ -42,6 +42,13 @@ def shard_slides(slide_ids: Sequence[str], tiles_stores: Sequence[str | Path], s
     return [ShardSlide(s, str(t), None if p is None else str(p)) for s, t, p in zip(slide_ids, tiles_stores, paths, strict=True)]
 
 
+def slides_in(tiles_dir: str | Path) -> list[ShardSlide]:
+    """The slides of a shard: one per tiles store in the tile job's directory, each read where its
+    store recorded it. GPU jobs take their slide list from here, not from the sample sheet, so on a
+    cluster they need neither the sheet nor the demo checkpoint."""
+    return [ShardSlide(store.name.removesuffix(".zarr"), str(store), None) for store in stores.slide_stores([tiles_dir])]
+
+
 def extract_shard(*, slides: Sequence[ShardSlide], encoder: TileEncoder, batch_size: int, device: torch.device, out_dir: str | Path, reader_threads: int = 1) -> int:
     """Clean features of every slide of a shard; return the tiles embedded."""
     started, total = time.perf_counter(), 0
