@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPU_TOKENS := $(if $(filter 0,$(GPUS)),$(CORES),$(GPUS))
 
-.PHONY: demo test test-fast report setup clean slurm-packages cluster-resources
+.PHONY: demo grid test test-fast report setup clean slurm-packages cluster-resources plan-study
 
 $(STAMP): requirements.txt requirements-test.txt requirements-test-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,19 @@ demo: $(STAMP)
 	@echo "Summary table: results/summary.csv"
 	@echo "HTML report:   results/report.html"
 	@echo "Plots:         results/plots/"
+
+# The README's factor grid (6 methods x 4 eps x 2 budgets) through the workflow, on top of the
+# default run (re-uses its tiles, features and heads), then tabulated from results/summary.csv.
+GRID := tests/configs/factor_grid.yaml
+grid: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --resources gpu=$(GPU_TOKENS) --configfile config.yaml $(GRID)
+	PYTHONPATH=workflow_scripts $(BIN)/python -m wsiattack.gridtable results/summary.csv --sweep $(GRID) --csv results/grid_cells.csv
+
+# Job count, DAG build time and peak memory of a 10 000-slide x 10-encoder x 50-attack dry run;
+# with a finished run in results/, its measured per-tile costs scaled to that study.
+PLAN_ARGS ?= --slides 10000 --encoders 10 --attacks 50 --shards 100
+plan-study: $(STAMP)
+	PYTHONPATH=workflow_scripts $(BIN)/python -m wsiattack.planning $(PLAN_ARGS) $(if $(wildcard results/features/demo),--pilot results)
 
 report: $(STAMP)
 	$(BIN)/snakemake --cores 1 --report results/report.html

@@ -224,3 +224,14 @@ def test_adding_a_slide_runs_only_its_jobs_and_the_cohort_level_ones(tiny):
     # one tile job, and one GPU job per (encoder, attack) for the one shard the slide joins
     assert {r: jobs.get(r) for r in ("tile", "extract", "attack")} == {"tile": 1, "extract": 1, "attack": 2}, jobs
     assert jobs["split"] == 1 and jobs["train_mil"] == 2 and jobs["evaluate"] == 2
+
+
+def test_pilot_costs_come_from_every_gradient_job_of_the_run(tiny):
+    from wsiattack import planning
+
+    costs = planning.pilot_costs(tiny / "results", encoder="demo")
+    n_shards = len(tiny_shards(tiny))
+    assert costs["extract_jobs"] == n_shards and costs["attack_jobs"] == n_shards  # noise has no gradient: left out
+    assert 3 <= costs["gradient_evaluations_per_tile"] <= 4  # tiny's PGD: 3 steps (+ the random start's)
+    assert costs["extract_s_per_tile"] > 0 and costs["attack_s_per_gradient_evaluation"] > 0
+    assert costs["tiles_per_slide"] == pytest.approx(np.mean([stores.open_store(p, kind=stores.TILES)["coords"].shape[0] for p in stores.slide_stores(sorted((tiny / "results" / "tiles").glob("shard-*")))]))

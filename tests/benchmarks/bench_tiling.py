@@ -72,6 +72,7 @@ SPEC = {
     "mpp_tolerance": 0.05,
     "allow_objective_power": False,
     "skip_empty": False,
+    "store_pixels": True,  # this bench measures the pixel-store mode (the default stores coordinates only)
     "tissue": {"method": "otsu", "min_fraction": 0.5, "thumbnail_mpp": 8.0, "min_object_um2": 20000.0, "max_hole_um2": 20000.0},
 }
 
