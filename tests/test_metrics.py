@@ -168,3 +168,29 @@ def test_summarize_attack_rejects_classes_in_another_order(eval_df: pd.DataFrame
 def test_summarize_attack_rejects_missing_columns(eval_df: pd.DataFrame) -> None:
     with pytest.raises(ValueError, match="attacked_prob_tumor"):
         summarize_attack(eval_df.drop(columns="attacked_prob_tumor"), classes=CLASSES, n_bootstrap=0, seed=0)
+
+
+@pytest.mark.parametrize(("n_classes", "n_slides"), [(2, 20), (2, 6), (3, 30)])
+def test_vectorised_bootstrap_equals_sklearn_on_every_resample(n_classes: int, n_slides: int) -> None:
+    """Each resample's drops, computed from slide counts, are sklearn's metrics of the resampled
+    table (same draws, same seed), NaN where a class is missing; ties in the scores included."""
+    from wsiattack.metrics import _bootstrap_drops, _PairedPredictions
+
+    rng = np.random.default_rng(n_classes * 100 + n_slides)
+    y_true = rng.integers(0, n_classes, n_slides)
+
+    def probabilities() -> np.ndarray:
+        p = np.round(rng.random((n_slides, n_classes)), 1) + 1e-3  # rounded: tied scores
+        return p / p.sum(axis=1, keepdims=True)
+
+    clean, attacked = probabilities(), probabilities()
+    paired = _PairedPredictions(y_true=y_true, clean_prob=clean, attacked_prob=attacked, clean_pred=clean.argmax(1), attacked_pred=attacked.argmax(1))
+    draws = np.random.default_rng(7).integers(0, n_slides, size=(200, n_slides))
+    expected = []
+    for rows in draws:
+        before, after = paired.subset(rows).clean_and_attacked(n_classes=n_classes)
+        expected.append(before - after)
+    got = _bootstrap_drops(paired, n_classes=n_classes, n_bootstrap=200, seed=7)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+    np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(expected), rtol=0, atol=1e-12)
+    assert np.isnan(expected).any() == (n_slides == 6)  # the small cohort has resamples without a class

@@ -17,6 +17,20 @@ built through the custom-factory entry point):
   apart. On a machine shared with other jobs, whose load drifts over minutes, the interleaved
   ratio is the robust one (the CPU-seconds ratio of the separate runs is printed too).
 
+With ``--from-slide`` it measures the default, coordinate-only path instead, on a pyramidal
+JPEG TIFF written by ``bench_tiling.write_benchmark_slide`` (same 256 px JPEG tiles and tissue
+shape as that bench's 22 928-tile slide, ``--slide-cols`` x ``--slide-rows`` cells: 48 x 44
+gives ~2 200 tiles), per encoder and in one run:
+
+- pipeline: ``tiling.tile_slide`` (coordinates only) + ``extraction.extract_slide`` reading the
+  pixels from the slide (``TileReader``, ``--reader-threads`` background threads), wall time;
+- bounds, each alone: the forward pass on in-memory float tensors of the same tiles, and the raw
+  region read (OpenSlide's C decode of the same 2-D blocks into a buffer on ``--threads``
+  threads, written nowhere: ``bench_tiling``'s bound);
+- ``ratio = pipeline / (forward + raw read)`` (goal <= 1.1: nothing spent beyond decoding and
+  the model) and ``overlap = extract / max(forward, raw read)``, which approaches 1 where spare
+  cores decode while the model runs (a GPU node) and approaches the sum where they don't.
+
 Not collected by pytest (not named test_*).
 """
 
@@ -24,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -38,7 +53,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "workflow_scripts"))
 
-from wsiattack import extraction, stores  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+
+from wsiattack import extraction, stores, tiling  # noqa: E402
+from wsiattack.tilereader import TileReader  # noqa: E402
 from wsiattack.encoders.model import TileEncoder, build_encoder, to_unit_pixels  # noqa: E402
 
 TILE_PX = 224
@@ -134,6 +152,45 @@ def bench_encoder(label: str, encoder: TileEncoder, *, tiles: np.ndarray, store:
     }
 
 
+def bench_from_slide(label: str, encoder: TileEncoder, *, slide: Path, workdir: Path, batch_size: int, threads: int, reader_threads: int) -> dict:
+    """Tile (coordinates only) + extract from the slide, against forward alone + raw read alone."""
+    import bench_tiling
+
+    spec = {**bench_tiling.SPEC, "store_pixels": False}
+    store, out = workdir / f"{label}-coords.zarr", workdir / f"{label}-features.zarr"
+    os.sync()
+    started = time.perf_counter()
+    n = tiling.tile_slide(slide_id="bench", slide_path=slide, spec=spec, out_store=store, out_qc=workdir / f"{label}-qc.png", threads=threads)
+    tiled = time.perf_counter()
+    extraction.extract_slide(slide_id="bench", tiles_store=store, slide_path=slide, encoder=encoder, batch_size=batch_size, device=torch.device("cpu"), out_store=out, reader_threads=reader_threads)
+    pipeline_s, tile_s = time.perf_counter() - started, tiled - started
+    _, blocks, _ = bench_tiling.raw_regions(store)
+    raw_s = bench_tiling.run_raw(slide, blocks, threads=threads, n_tiles=n, decode=bench_tiling.decode_c_buffer)["wall_s"]
+    with TileReader(store, slide_path=slide) as reader:
+        batches = [to_unit_pixels(reader[s : s + batch_size]).contiguous() for s in range(0, n, batch_size)]
+    time_bound(encoder, batches[:2])  # warm-up, as for the pipeline's first batches
+    forward_s, _ = time_bound(encoder, batches)
+    return {
+        "encoder": label, "tiles": n, "tile_s": tile_s, "extract_s": pipeline_s - tile_s, "pipeline_s": pipeline_s,
+        "forward_s": forward_s, "raw_read_s": raw_s,
+        "ratio": pipeline_s / (forward_s + raw_s), "overlap": (pipeline_s - tile_s) / max(forward_s, raw_s),
+    }
+
+
+def main_from_slide(args: argparse.Namespace, encoders: dict[str, TileEncoder], workdir: Path) -> None:
+    import bench_tiling
+
+    slide = workdir / "bench-region.tiff"
+    bench_tiling.write_benchmark_slide(slide, cols=args.slide_cols, rows=args.slide_rows)
+    results = [bench_from_slide(label, enc, slide=slide, workdir=workdir, batch_size=args.batch_size, threads=args.threads, reader_threads=args.reader_threads) for label, enc in encoders.items()]
+    print(f"coordinate-only tiles from a {args.slide_cols} x {args.slide_rows}-cell JPEG TIFF, batch {args.batch_size}, torch threads {args.threads}, reader threads {args.reader_threads}, load {os.getloadavg()[0]:.1f}")
+    for r in results:
+        print(f"{r['encoder']:>18}: {r['tiles']} tiles; tile {r['tile_s']:.1f} s + extract {r['extract_s']:.1f} s = {r['pipeline_s']:.1f} s; "
+              f"forward alone {r['forward_s']:.1f} s + raw read alone {r['raw_read_s']:.1f} s = {r['forward_s'] + r['raw_read_s']:.1f} s; "
+              f"ratio {r['ratio']:.3f} (goal <= 1.1), overlap {r['overlap']:.3f}")
+    print(json.dumps(results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=1024)
@@ -141,13 +198,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--from-slide", action="store_true", help="coordinate-only tiles read from a JPEG TIFF (see the module docstring)")
+    parser.add_argument("--slide-cols", type=int, default=48)
+    parser.add_argument("--slide-rows", type=int, default=44)
+    parser.add_argument("--reader-threads", type=int, default=1, help="background decode threads (the extract rule's threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_extract_"))
+    encoders = {"demo (ViT-Ti/16)": build_encoder("demo"), "ViT-S/16": build_encoder("vits16", custom=VIT_S)}
+    if args.from_slide:
+        main_from_slide(args, encoders, workdir)
+        return
     tiles = random_texture_tiles(args.tiles)
     store = workdir / "tiles.zarr"
     write_tiles_store(store, tiles)
-    encoders = {"demo (ViT-Ti/16)": build_encoder("demo"), "ViT-S/16": build_encoder("vits16", custom=VIT_S)}
     results = [bench_encoder(label, enc, tiles=tiles, store=store, workdir=workdir, batch_size=args.batch_size, repeats=args.repeats) for label, enc in encoders.items()]
     print(f"{args.tiles} tiles of {TILE_PX} px, batch {args.batch_size}, torch threads {args.threads}, {args.repeats} repeats (medians)")
     for r in results:

@@ -121,16 +121,60 @@ def summarize_attack(eval_df: pd.DataFrame, *, classes: Sequence[str], n_bootstr
 
 
 def _bootstrap_drops(predictions: _PairedPredictions, *, n_classes: int, n_bootstrap: int, seed: int) -> np.ndarray:
-    """(n_bootstrap, n_metrics) drops; clean and attacked share each resample (paired)."""
+    """(n_bootstrap, n_metrics) drops; clean and attacked share each resample (paired).
+
+    A resample is a vector of counts (how often each slide was drawn), and every metric is
+    computed for all resamples at once from those counts: the same values as the metric of the
+    resampled table (sklearn's, checked in the tests), at a thousandth of the cost, so that a
+    factor study's summary does not take minutes per attack.
+    """
     rng = np.random.default_rng(seed)
     n_slides = len(predictions.y_true)
-    drops = np.empty((n_bootstrap, len(SUMMARY_METRICS)))
-    for resample in range(n_bootstrap):
-        clean, attacked = predictions.subset(rng.integers(0, n_slides, size=n_slides)).clean_and_attacked(
-            n_classes=n_classes
-        )
-        drops[resample] = clean - attacked
-    return drops
+    draws = rng.integers(0, n_slides, size=(n_bootstrap, n_slides))
+    counts = np.zeros((n_bootstrap, n_slides))
+    np.add.at(counts, (np.arange(n_bootstrap)[:, None], draws), 1.0)
+    clean = _weighted_metrics(counts, y_true=predictions.y_true, prob=predictions.clean_prob, y_pred=predictions.clean_pred, n_classes=n_classes)
+    attacked = _weighted_metrics(counts, y_true=predictions.y_true, prob=predictions.attacked_prob, y_pred=predictions.attacked_pred, n_classes=n_classes)
+    flip_rate = counts @ (predictions.clean_pred != predictions.attacked_pred) / n_slides
+    return np.column_stack([clean[:, :-1] - attacked[:, :-1], -flip_rate]) if n_bootstrap else np.empty((0, len(SUMMARY_METRICS)))
+
+
+def _weighted_metrics(counts: np.ndarray, *, y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(B, n_metrics) CLASSIFICATION_METRICS (then a 0 column for flip_rate) of B resamples given
+    as slide counts (B, n). Classes absent from both labels and predictions of a resample are
+    left out of the macro averages, as sklearn does; AUROC is NaN where a class is missing."""
+    classes = np.arange(n_classes)
+    is_true = (y_true[:, None] == classes).astype(float)  # (n, C)
+    is_pred = (y_pred[:, None] == classes).astype(float)
+    support, predicted = counts @ is_true, counts @ is_pred  # (B, C)
+    hits = counts @ (is_true * is_pred)
+    total = counts.sum(axis=1)
+    accuracy = hits.sum(axis=1) / total
+    with np.errstate(invalid="ignore", divide="ignore"):
+        balanced = np.nanmean(np.where(support > 0, hits / support, np.nan), axis=1)
+        present = (support + predicted) > 0
+        f1 = np.where(present, 2 * hits / (support + predicted), 0.0).sum(axis=1) / present.sum(axis=1)
+    if n_classes == 2:
+        auroc = _weighted_auroc(counts, positive=y_true == 1, score=prob[:, 1])
+    else:
+        auroc = np.mean([_weighted_auroc(counts, positive=y_true == c, score=prob[:, c]) for c in classes], axis=0)
+    auroc[(support == 0).any(axis=1)] = np.nan
+    return np.column_stack([accuracy, balanced, f1, auroc, np.zeros(len(counts))])
+
+
+def _weighted_auroc(counts: np.ndarray, *, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """AUROC of each resample: the Mann–Whitney statistic (ties count one half), i.e. the area
+    under the trapezoidal ROC curve, with every slide weighted by its count."""
+    order = np.argsort(score, kind="stable")
+    sorted_score = score[order]
+    starts = np.flatnonzero(np.r_[True, sorted_score[1:] != sorted_score[:-1]])  # one group per distinct score
+    weights = counts[:, order]
+    pos_at = np.add.reduceat(weights * positive[order], starts, axis=1)  # (B, distinct scores)
+    neg_at = np.add.reduceat(weights * ~positive[order], starts, axis=1)
+    neg_below = np.cumsum(neg_at, axis=1) - neg_at
+    pairs = pos_at.sum(axis=1) * neg_at.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos_at * (neg_below + 0.5 * neg_at)).sum(axis=1) / pairs
 
 
 def _percentile_intervals(drops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
