@@ -27,8 +27,23 @@ def test_shipped_config_validates_and_fills_defaults(shipped):
 
 
 def test_test_configs_validate():
-    for path in (ROOT / "tests" / "configs").glob("*.yaml"):
-        wsiconfig.validate_config(yaml.safe_load(path.read_text()))
+    paths = sorted((ROOT / "tests" / "configs").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"tiny.yaml", "factor_grid.yaml"}
+    for path in paths:
+        config = yaml.safe_load(path.read_text())
+        if path.name != "factor_grid.yaml":  # an overlay on config.yaml: checked below
+            wsiconfig.validate_config(config)
+
+
+def test_factor_grid_overlays_the_default_with_48_attacks():
+    """Given after config.yaml (make grid), Snakemake merges it key by key onto the default."""
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((ROOT / "tests" / "configs" / "factor_grid.yaml").read_text()))
+    attacks = wsiconfig.validate_config(config)["attacks"]
+    assert len(attacks) == 2 + 6 * 4 * 2 and {"pgd_eps4", "noise_eps4", "cw_eps8_f0.01_random"} <= set(attacks)
+    assert attacks["pgd_eps1_f0.001_random"]["steps"] == 5 and attacks["cw_eps1_f0.001_random"]["binary_search_steps"] == 2
 
 
 @pytest.mark.parametrize(

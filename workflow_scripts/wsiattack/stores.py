@@ -104,23 +104,6 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_store(path: Path | str, *, kind: str, attrs: Mapping[str, Any]) -> Iterator[zarr.Group]:
-    """Yield a fresh zarr v3 group at a temporary path; rename it to ``path`` on success only."""
-    path = Path(path)
-    tmp = _fresh_temp_sibling(path)
-    try:
-        group = zarr.open_group(tmp, mode="w", zarr_format=3)
-        group.attrs.update(_json_safe({"kind": kind, "wsiattack_version": __version__, **attrs}))
-        yield group
-        if path.exists():  # Snakemake removes outputs before a job; a manual re-run may not.
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-@contextlib.contextmanager
 def atomic_dir(path: Path | str) -> Iterator[Path]:
     """Yield a fresh temporary directory; rename it to ``path`` on success only.
 
@@ -138,6 +121,15 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_store(path: Path | str, *, kind: str, attrs: Mapping[str, Any]) -> Iterator[zarr.Group]:
+    """Yield a fresh zarr v3 group at a temporary path; rename it to ``path`` on success only."""
+    with atomic_dir(path) as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        group.attrs.update(_json_safe({"kind": kind, "wsiattack_version": __version__, **attrs}))
+        yield group
 
 
 def slide_store(shard_dir: Path | str, slide_id: str) -> Path:
