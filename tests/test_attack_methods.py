@@ -88,6 +88,17 @@ def test_cw_with_a_reachable_kappa_stops_near_it_with_less_distortion(oracle):
     assert torch.all(distortion < 0.8 * radius)  # the least-distortion success, not the full budget
 
 
+def test_cw_rounds_go_on_from_the_best_iterate_and_are_counted(oracle):
+    """kappa null: success is unreachable, so each round must add to the last (restarting from
+    the same point made every round repeat the first), and its evaluations are counted."""
+    encoder, clean, reference = oracle
+    optimum = EPS * math.sqrt(clean[0].numel()) * encoder.w.norm().item()
+    one = attack(CarliniWagnerL2(eps=EPS, steps=2, binary_search_steps=1, lr=0.01), encoder, clean, reference)
+    three = attack(CarliniWagnerL2(eps=EPS, steps=2, binary_search_steps=3, lr=0.01), encoder, clean, reference)
+    assert torch.all(one.objective < 0.3 * optimum) and torch.all(three.objective > 0.7 * optimum)  # 0.24-0.28 vs 0.72-0.76
+    assert torch.all(one.iterations == 1 + 2) and torch.all(three.iterations == 1 + 3 * 2)  # + the scale probe
+
+
 # --- invariants: H&E-like tiles, the demo encoder (vs. noise) and a small CNN (the rest) ----------
 
 

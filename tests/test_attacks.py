@@ -97,6 +97,37 @@ def test_quantize_l2_holds_the_radius_exactly_and_only_undoes_overshooting_round
     torch.testing.assert_close(quantize_l2(inside, clean, radius), torch.round(inside * 255).to(torch.uint8), rtol=0, atol=0)
 
 
+class _FactoryDeviceSpy(torch.overrides.TorchFunctionMode):
+    """Records every tensor factory call made without an explicit device: on a GPU such a tensor
+    lands on the CPU and the next op that mixes it with the tiles fails."""
+
+    FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange}
+
+    def __init__(self):
+        super().__init__()
+        self.missing: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES and "device" not in kwargs:
+            self.missing.append(func.__name__)
+        return func(*args, **kwargs)
+
+
+def test_quantize_l2_makes_every_tensor_on_the_tiles_device_and_avoids_float64_on_mps():
+    g = torch.Generator().manual_seed(1)
+    clean = torch.randint(20, 236, (2, 3, 16, 16), generator=g, dtype=torch.int64).to(torch.uint8)
+    radius = Ball("l2", 2 / 255).radius(clean.float())
+    direction = torch.randn(2, 3, 16, 16, generator=g)
+    adversarial = clean.float() / 255 + direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * radius
+    with _FactoryDeviceSpy() as spy:
+        quantize_l2(adversarial, clean, radius)  # on the sphere: the overshoot path runs (previous test)
+    assert spy.missing == []
+    from wsiattack.attacks.bounds import exact_dtype
+
+    assert exact_dtype(torch.device("mps")) == torch.float32 and exact_dtype(torch.device("cuda")) == torch.float64
+
+
 # --- perturb_slide: the attack store --------------------------------------------------------------
 
 

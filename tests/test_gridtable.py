@@ -7,7 +7,7 @@ from wsiattack.attacks.sweep import expand_sweep
 from wsiattack.errors import ConfigError
 from wsiattack.gridtable import grid_cells, markdown_tables
 
-SWEEP = {"methods": ["noise", "pgd"], "eps": ["1/255", "4/255"], "fractions": [0.001, 0.01]}
+SWEEP = {"methods": ["noise", "pgd", "cw"], "eps": ["1/255", "4/255"], "fractions": [0.001, 0.01]}
 
 
 def summary_of(entries: dict, *, skip: str | None = None) -> pd.DataFrame:
@@ -24,7 +24,7 @@ def summary_of(entries: dict, *, skip: str | None = None) -> pd.DataFrame:
 def test_cells_carry_each_entrys_factors_and_metrics():
     entries = expand_sweep(SWEEP)
     cells = grid_cells(summary_of(entries), SWEEP).set_index("attack")
-    assert len(cells) == 8 and "other" not in cells.index
+    assert len(cells) == 12 and "other" not in cells.index
     i = list(entries).index("pgd_eps4_f0.01_random")
     cell = cells.loc["pgd_eps4_f0.01_random"]
     assert (cell["method"], cell["eps_255"], cell["fraction"]) == ("pgd", 4.0, 0.01)
@@ -35,7 +35,10 @@ def test_cells_carry_each_entrys_factors_and_metrics():
 def test_markdown_has_one_table_per_budget_with_methods_as_rows():
     entries = expand_sweep(SWEEP)
     text = markdown_tables(grid_cells(summary_of(entries), SWEEP), methods=SWEEP["methods"])
-    assert text.count("| method | eps 1/255 | eps 4/255 |") == 2
+    assert text.count("| method | eps 1/255 | eps 4/255 |") == 4  # two budgets x two norms
+    tables = text.split("**")[1::2], text.split("**")[2::2]
+    for heading, table in zip(*tables, strict=True):  # L2 (C&W) never shares a table with L∞ methods
+        assert ("| cw |" in table) == ("L2 ball" in heading) and ("| pgd |" in table) == ("L∞ ball" in heading)
     first_budget = text.split("budget 0.01 of")[0]
     # pgd at f=0.001 is entries 4 (eps 1) and 6 (eps 4) of the expansion: drop 0.1 i, flips 0.05 i
     assert "| pgd | +0.40 / 0.20 / 0.005 | +0.60 / 0.30 / 0.007 |" in first_budget.splitlines()

@@ -120,7 +120,8 @@ def test_summarize_attack_is_deterministic(eval_df: pd.DataFrame) -> None:
 
 def test_summarize_attack_without_bootstrap_has_nan_cis(eval_df: pd.DataFrame) -> None:
     summary = summarize_attack(eval_df, classes=CLASSES, n_bootstrap=0, seed=0)
-    assert summary[["drop_ci_low", "drop_ci_high"]].isna().all().all()
+    bootstrapped = summary[summary["metric"] != "flip_rate"]  # the flip rate's interval is exact
+    assert bootstrapped[["drop_ci_low", "drop_ci_high"]].isna().all().all()
     with_bootstrap = summarize_attack(eval_df, classes=CLASSES, n_bootstrap=20, seed=0)
     pd.testing.assert_frame_equal(summary[COLUMNS[:4]], with_bootstrap[COLUMNS[:4]])
 
@@ -194,3 +195,18 @@ def test_vectorised_bootstrap_equals_sklearn_on_every_resample(n_classes: int, n
     np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
     np.testing.assert_allclose(np.nan_to_num(got), np.nan_to_num(expected), rtol=0, atol=1e-12)
     assert np.isnan(expected).any() == (n_slides == 6)  # the small cohort has resamples without a class
+
+
+def test_flip_rate_interval_is_exact_clopper_pearson(eval_df: pd.DataFrame) -> None:
+    from scipy.stats import binomtest
+
+    summary = summarize_attack(eval_df, classes=CLASSES, n_bootstrap=50, seed=0).set_index("metric")
+    exact = binomtest(4, 10).proportion_ci(confidence_level=0.95, method="exact")  # 4 of 10 flipped
+    assert summary.loc["flip_rate", ["drop_ci_low", "drop_ci_high"]].tolist() == pytest.approx([-exact.high, -exact.low])
+    unmoved = eval_df.assign(**{c: eval_df[c.replace("attacked", "clean")] for c in eval_df.columns if c.startswith("attacked")})
+    none = summarize_attack(unmoved, classes=CLASSES, n_bootstrap=50, seed=0).set_index("metric").loc["flip_rate"]
+    # 0 of 10 flipped: the interval still admits a flip rate of up to 30.8 %, not [0, 0]
+    assert none["drop"] == 0 and none["drop_ci_high"] == 0 and none["drop_ci_low"] == pytest.approx(-(1 - 0.025 ** (1 / 10)))
+    from wsiattack.metrics import clopper_pearson
+
+    assert clopper_pearson(0, 20)[1] == pytest.approx(1 - 0.025 ** (1 / 20)) and clopper_pearson(0, 20)[1] >= 0.15  # 0.168

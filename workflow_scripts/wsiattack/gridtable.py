@@ -2,8 +2,10 @@
 
     python -m wsiattack.gridtable results/summary.csv --sweep tests/configs/factor_grid.yaml
 
-One table per budget fraction (and encoder × MIL model): rows are methods, columns eps, each cell
-``accuracy drop / flip rate / mean 1 − cos of the perturbed tiles' features``. The cells are
+One table per budget fraction and norm (and encoder × MIL model): rows are methods, columns
+eps, each cell ``accuracy drop / flip rate / mean 1 − cos of the perturbed tiles' features``.
+L∞ and L2 methods are never in one table: the same eps is a per-value bound in L∞ and the
+radius eps·sqrt(3·T²) in L2, whose ball contains the whole L∞ box. The cells are
 found through the sweep's own expansion (``wsiattack.attacks.sweep``), not by parsing names.
 """
 
@@ -15,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from wsiattack.attacks.params import attack_norm
 from wsiattack.attacks.sweep import expand_sweep
 from wsiattack.errors import ConfigError
 
@@ -40,18 +43,26 @@ def grid_cells(summary: pd.DataFrame, sweep: dict) -> pd.DataFrame:
     cells["method"] = [entries[a]["method"] for a in cells["attack"]]
     cells["eps_255"] = [round(entries[a]["eps"] * 255, 2) for a in cells["attack"]]
     cells["fraction"] = [entries[a]["budget"]["fraction"] for a in cells["attack"]]
+    cells["norm"] = [attack_norm(entries[a]) for a in cells["attack"]]
     return cells
 
 
+NORM_HEADINGS = {
+    "linf": "L∞ ball: every value within eps of the clean tile",
+    "l2": "L2 ball of radius eps·sqrt(3·T²) for T px tiles (6.1 at eps 4/255 and T = 224): it contains the whole L∞ box",
+}
+
+
 def markdown_tables(cells: pd.DataFrame, *, methods: list[str]) -> str:
-    """Methods × eps per (encoder, mil, fraction), in the sweep's order."""
+    """Methods × eps per (encoder, mil, fraction, norm), in the sweep's order."""
     out = []
-    for (encoder, mil, fraction), group in cells.groupby(["encoder", "mil", "fraction"], sort=False):
+    cells = cells.assign(norm_order=cells["norm"].map({"linf": 0, "l2": 1}))  # L∞ first
+    for (encoder, mil, fraction, _, norm), group in cells.groupby(["encoder", "mil", "fraction", "norm_order", "norm"]):
         eps = sorted(group["eps_255"].unique())
-        out += [f"**{encoder} / {mil}, budget {fraction:g} of each slide's tiles.** Cell: accuracy drop / flip rate / mean tile cosine distance.", ""]
+        out += [f"**{encoder} / {mil}, budget {fraction:g} of each slide's tiles, {NORM_HEADINGS[norm]}.** Cell: accuracy drop / flip rate / mean tile cosine distance.", ""]
         out += ["| method | " + " | ".join(f"eps {e:g}/255" for e in eps) + " |", "|---|" + "---|" * len(eps)]
         by_cell = group.set_index(["method", "eps_255"])
-        for method in methods:
+        for method in (m for m in methods if m in set(group["method"])):
             values = [by_cell.loc[(method, e)] for e in eps]
             out.append(f"| {method} | " + " | ".join(f"{v.accuracy_drop:+.2f} / {v.flip_rate:.2f} / {v.tile_cosine_distance:.3g}" for v in values) + " |")
         out.append("")

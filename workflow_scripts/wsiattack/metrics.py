@@ -98,7 +98,9 @@ def summarize_attack(eval_df: pd.DataFrame, *, classes: Sequence[str], n_bootstr
     so its drop is minus the flip rate. CIs are 95 % percentile intervals of the drop over
     ``n_bootstrap`` paired resamples of slides (numpy ``default_rng(seed)``); resamples where a
     metric is undefined (e.g. AUROC with a missing class) are skipped for that metric; with
-    ``n_bootstrap == 0`` the CIs are NaN.
+    ``n_bootstrap == 0`` the CIs are NaN. The flip rate's interval is the exact Clopper–Pearson
+    one instead (a count of flips out of n slides: the bootstrap gives [0, 0] for 0 flips, while
+    0 of 20 only bounds the rate below 16.8 %), whatever ``n_bootstrap``.
     """
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
@@ -106,6 +108,10 @@ def summarize_attack(eval_df: pd.DataFrame, *, classes: Sequence[str], n_bootstr
     clean, attacked = predictions.clean_and_attacked(n_classes=len(classes))
     drops = _bootstrap_drops(predictions, n_classes=len(classes), n_bootstrap=n_bootstrap, seed=seed)
     ci_low, ci_high = _percentile_intervals(drops)
+    flips = int(np.sum(predictions.clean_pred != predictions.attacked_pred))
+    flip_low, flip_high = clopper_pearson(flips, len(predictions.y_true))
+    flip_row = SUMMARY_METRICS.index("flip_rate")
+    ci_low[flip_row], ci_high[flip_row] = -flip_high, -flip_low  # drop = −flip rate
     return pd.DataFrame(
         {
             "metric": list(SUMMARY_METRICS),
@@ -118,6 +124,16 @@ def summarize_attack(eval_df: pd.DataFrame, *, classes: Sequence[str], n_bootstr
         },
         columns=list(SUMMARY_COLUMNS),
     )
+
+
+def clopper_pearson(successes: int, n: int, *, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper–Pearson) two-sided interval of a binomial proportion."""
+    from scipy.stats import beta
+
+    alpha = 1 - level
+    low = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, n - successes + 1))
+    high = 1.0 if successes == n else float(beta.ppf(1 - alpha / 2, successes + 1, n - successes))
+    return low, high
 
 
 def _bootstrap_drops(predictions: _PairedPredictions, *, n_classes: int, n_bootstrap: int, seed: int) -> np.ndarray:

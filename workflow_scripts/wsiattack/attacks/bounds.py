@@ -109,12 +109,21 @@ def quantize_l2(adversarial: torch.Tensor, clean_uint8: torch.Tensor, radius: fl
     towards clean lowers the squared norm (in grey levels) by 2|d|−1; values that were rounded
     away from clean by the largest amount are moved first, which changes the stored tile least.
     Truncating every rounding would always fit (|d| ≤ |δ|), so this terminates within the bound.
+    Runs on the tiles' device; every tensor it makes is put there (the GPU path once mixed a CPU
+    scalar into ``searchsorted``), and the exact offsets are float64 except on MPS, which has none.
     """
     budget = math.floor((radius * 255) ** 2 + 1e-6)  # squared grey levels allowed
-    exact = adversarial.double() * 255 - clean_uint8.double()
+    work = exact_dtype(adversarial.device)
+    exact = adversarial.to(work) * 255 - clean_uint8.to(work)
     levels = torch.round(adversarial * 255).to(torch.int64) - clean_uint8.to(torch.int64)
     fixed = torch.stack([_fit_tile(levels[i], exact[i], budget) for i in range(len(levels))])
     return (clean_uint8.to(torch.int64) + fixed).clamp_(0, 255).to(torch.uint8)
+
+
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the rounding bookkeeping, except on MPS (no float64 there; float32 resolves
+    a grey level's fraction to ~1e-5, far finer than the 1/255 steps it compares)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _fit_tile(levels: torch.Tensor, exact: torch.Tensor, budget: int) -> torch.Tensor:
@@ -123,11 +132,11 @@ def _fit_tile(levels: torch.Tensor, exact: torch.Tensor, budget: int) -> torch.T
     excess_sq = int((flat * flat).sum()) - budget
     if excess_sq <= 0:
         return levels
-    overshoot = flat.abs().double() - exact.flatten().abs()  # > 0 where rounding moved away from clean
+    overshoot = flat.abs().to(exact.dtype) - exact.flatten().abs()  # > 0 where rounding moved away from clean
     movable = torch.nonzero(flat != 0).squeeze(1)
     order = movable[torch.argsort(overshoot[movable], descending=True, stable=True)]
     savings = torch.cumsum(2 * flat[order].abs() - 1, dim=0)
-    n_moves = int(torch.searchsorted(savings, torch.tensor(excess_sq, dtype=savings.dtype))) + 1
+    n_moves = int(torch.searchsorted(savings, torch.tensor([excess_sq], dtype=savings.dtype, device=savings.device))[0]) + 1
     if n_moves > len(order):
         raise AttackError(f"cannot round this tile into the L2 ball ({excess_sq} squared grey levels over): a bug, please report")
     moved = order[:n_moves]

@@ -23,6 +23,17 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "noise": {},
 }
 
+# The ball of the methods without a `norm` parameter (C&W is L2 by construction; the noise
+# control draws uniformly in the L-inf box).
+FIXED_NORMS = {"cw": "l2", "noise": "linf"}
+
+
+def attack_norm(entry: Mapping[str, Any]) -> str:
+    """``linf`` or ``l2``: the ball an attack entry's ``eps`` bounds (``bounds.Ball``: L2 radius
+    is eps·sqrt(C·H·W), so "eps 4/255" means a very different budget in the two norms)."""
+    return entry.get("norm") or FIXED_NORMS.get(entry["method"], "linf")
+
+
 # step_size = factor · eps / steps when not given. PGD: Madry et al.'s 2.5·eps/steps. MI-FGSM:
 # Dong et al. use eps/steps from the clean tile; from a random start inside the ball the
 # iterates may need to cross the whole diameter, hence 2·eps/steps.
