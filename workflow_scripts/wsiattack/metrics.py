@@ -111,7 +111,7 @@ def summarize_attack(eval_df: pd.DataFrame, *, classes: Sequence[str], n_bootstr
     flips = int(np.sum(predictions.clean_pred != predictions.attacked_pred))
     flip_low, flip_high = clopper_pearson(flips, len(predictions.y_true))
     flip_row = SUMMARY_METRICS.index("flip_rate")
-    ci_low[flip_row], ci_high[flip_row] = -flip_high, -flip_low  # drop = −flip rate
+    ci_low[flip_row], ci_high[flip_row] = -flip_high, 0.0 - flip_low  # drop = −flip rate (0.0 −: no "-0" in the CSV)
     return pd.DataFrame(
         {
             "metric": list(SUMMARY_METRICS),
