@@ -123,7 +123,7 @@ def test_quantize_l2_makes_every_tensor_on_the_tiles_device_and_avoids_float64_o
     with _FactoryDeviceSpy() as spy:
         quantize_l2(adversarial, clean, radius)  # on the sphere: the overshoot path runs (previous test)
     assert spy.missing == []
-    from wsiattack.attacks.bounds import exact_dtype
+    from wsiattack.runtime import exact_dtype
 
     assert exact_dtype(torch.device("mps")) == torch.float32 and exact_dtype(torch.device("cuda")) == torch.float64
 
@@ -354,3 +354,16 @@ def test_sweep_params_override_per_method_and_bad_sweeps_name_the_key():
     for sweep, message in bad:
         with pytest.raises(ConfigError, match=message):
             expand_sweep(sweep)
+
+
+def test_noise_at_eps_zero_is_the_null_control_the_unmodified_tiles(tmp_path, slide):
+    """The null control (noise, eps 0) stores the selected tiles exactly: re-embedding them shows
+    how far batch size and path alone move a feature, the floor under every other shift."""
+    path, tiles, _ = slide
+    spec = {"name": "null", "method": "noise", "objective": "cosine", "eps": 0.0, "budget": {"fraction": 0.25, "min_tiles": 1}, "selection": "random", "seed": 0}
+    k, store = perturb(tmp_path, path, spec, "null.zarr")
+    _, pgd = perturb(tmp_path, path, SPEC, "pgd.zarr")
+    index = np.asarray(store["index"][...])
+    np.testing.assert_array_equal(index, pgd["index"][...])  # same seed: the attack's tiles
+    np.testing.assert_array_equal(store["adv_tiles"][...], tiles[index])
+    assert np.all(store["linf"][...] == 0) and np.all(store["l2"][...] == 0) and np.all(store["objective"][...] < 1e-6)

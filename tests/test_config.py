@@ -42,7 +42,7 @@ def test_factor_grid_overlays_the_default_with_48_attacks():
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     update_config(config, yaml.safe_load((ROOT / "tests" / "configs" / "factor_grid.yaml").read_text()))
     attacks = wsiconfig.validate_config(config)["attacks"]
-    assert len(attacks) == 2 + 6 * 4 * 2 and {"pgd_eps4", "noise_eps4", "cw_eps8_f0.01_random"} <= set(attacks)
+    assert len(attacks) == 3 + 6 * 4 * 2 and {"pgd_eps4", "noise_eps4", "null_control", "cw_eps8_f0.01_random"} <= set(attacks)
     assert attacks["pgd_eps1_f0.001_random"]["steps"] == 5 and attacks["cw_eps1_f0.001_random"]["binary_search_steps"] == 2
 
 
@@ -51,6 +51,7 @@ def test_factor_grid_overlays_the_default_with_48_attacks():
     [
         (lambda c: c.update(colour="blue"), r"config: <top level>: .*'colour' was unexpected"),
         (lambda c: c["attacks"]["pgd_eps4"].update(epz=1), r"config: attacks\.pgd_eps4: .*'epz' was unexpected"),
+        (lambda c: c["attacks"]["pgd_eps4"].update(eps=0), r"config: attacks\.pgd_eps4\.eps: 0 is only meaningful for the noise method"),
         (lambda c: c["tiling"]["tissue"].update(min_fraction=2), r"config: tiling\.tissue\.min_fraction: 2 is greater than the maximum"),
         (lambda c: c["attacks"]["pgd_eps4"].update(eps="4/0"), r"config: attacks\.pgd_eps4\.eps: division by zero"),
         (lambda c: c["attacks"]["pgd_eps4"].update(eps="300/255"), r"attacks\.pgd_eps4\.eps: 1\.17\d* is outside \[0, 1\]"),

@@ -28,3 +28,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     enabled = device.type == "cuda" and dtype != torch.float32
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
+
+
+def exact_dtype(device: torch.device) -> torch.dtype:
+    """The widest float a device has: float64, except on MPS (which has none, so float32). For
+    small exact computations: rounding bookkeeping, a loss whose gradient underflows in float32."""
+    return torch.float32 if device.type == "mps" else torch.float64

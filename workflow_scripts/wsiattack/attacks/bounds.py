@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from wsiattack.errors import AttackError, ConfigError
+from wsiattack.runtime import exact_dtype
 
 NORMS = ("linf", "l2")
 _TINY = 1e-12
@@ -33,8 +34,8 @@ class Ball:
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise ConfigError(f"attack norm {self.norm!r} is unknown: use one of {', '.join(NORMS)}")
-        if not 0.0 < self.eps <= 1.0:
-            raise ConfigError(f"attack eps {self.eps} must be in (0, 1] pixel units (e.g. 4/255)")
+        if not 0.0 <= self.eps <= 1.0:  # 0: the null control (noise of no amplitude)
+            raise ConfigError(f"attack eps {self.eps} must be in [0, 1] pixel units (e.g. 4/255)")
 
     def radius(self, clean: torch.Tensor) -> float:
         """The bound in its own norm for tiles shaped like ``clean`` (k, C, H, W)."""
@@ -113,17 +114,11 @@ def quantize_l2(adversarial: torch.Tensor, clean_uint8: torch.Tensor, radius: fl
     scalar into ``searchsorted``), and the exact offsets are float64 except on MPS, which has none.
     """
     budget = math.floor((radius * 255) ** 2 + 1e-6)  # squared grey levels allowed
-    work = exact_dtype(adversarial.device)
+    work = exact_dtype(adversarial.device)  # float32 resolves 1e-5 of a grey level: enough on MPS
     exact = adversarial.to(work) * 255 - clean_uint8.to(work)
     levels = torch.round(adversarial * 255).to(torch.int64) - clean_uint8.to(torch.int64)
     fixed = torch.stack([_fit_tile(levels[i], exact[i], budget) for i in range(len(levels))])
     return (clean_uint8.to(torch.int64) + fixed).clamp_(0, 255).to(torch.uint8)
-
-
-def exact_dtype(device: torch.device) -> torch.dtype:
-    """float64 for the rounding bookkeeping, except on MPS (no float64 there; float32 resolves
-    a grey level's fraction to ~1e-5, far finer than the 1/255 steps it compares)."""
-    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _fit_tile(levels: torch.Tensor, exact: torch.Tensor, budget: int) -> torch.Tensor:

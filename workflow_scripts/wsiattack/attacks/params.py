@@ -68,6 +68,8 @@ def method_params(entry: Mapping[str, Any], *, where: str, strict: bool) -> dict
 
 def normalise_attack(entry: Mapping[str, Any], *, where: str) -> dict[str, Any]:
     """A validated attack entry with its method's parameters made explicit (strict)."""
+    if entry["method"] != "noise" and float(entry["eps"]) == 0:
+        raise ConfigError(f"config: {where}.eps: 0 is only meaningful for the noise method (the null control: the tiles unmodified); use a bound > 0")
     out = copy.deepcopy(dict(entry))
     out.update(method_params(entry, where=where, strict=True))
     return out
