@@ -377,3 +377,27 @@ def test_device_resolution_and_autocast_on_cpu(monkeypatch):
 def test_unknown_encoder():
     with pytest.raises(EncoderError, match=r"unknown encoder 'nope' \(known: demo"):
         registry.get_spec("nope")
+
+
+def test_each_gpu_job_claims_its_own_gpu_and_frees_it_when_it_ends(monkeypatch, tmp_path):
+    """--resources gpu=N on an N-GPU machine: N jobs on N GPUs, not all on cuda:0."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(runtime, "_HELD_GPU_LOCKS", [])
+    claimed = [runtime.claim_gpu(lock_dir=str(tmp_path)) for _ in range(3)]  # three jobs' worth of locks
+    assert claimed == [torch.device("cuda", i) for i in range(3)]
+    assert runtime.claim_gpu(lock_dir=str(tmp_path)).index in range(3)  # a fourth shares one, warned
+    for handle in runtime._HELD_GPU_LOCKS[1:]:
+        handle.close()  # jobs 2 and 3 end: their GPUs are free again
+    # another process (another job) gets the first free GPU while this one still holds cuda:0
+    code = "import torch, sys; torch.cuda.device_count = lambda: 3; from wsiattack import runtime; print(runtime.claim_gpu(lock_dir=sys.argv[1]))"
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(runtime.__file__).parents[1])}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    assert out == "cuda:1"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runtime.claim_gpu(lock_dir=str(tmp_path)) == torch.device("cuda")  # one visible GPU: no lock

@@ -3,20 +3,60 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+from pathlib import Path
 
 import torch
 
 from wsiattack.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 
 def resolve_device(requested: str) -> torch.device:
-    """``auto`` picks cuda > mps > cpu; an explicit device that is absent is an error."""
+    """``auto`` picks cuda > mps > cpu; an explicit device that is absent is an error. CUDA with
+    several visible GPUs: the first GPU no other job of this machine holds (``claim_gpu``)."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if requested == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+        requested = "cuda" if cuda else "mps" if mps else "cpu"
     if (requested == "cuda" and not cuda) or (requested == "mps" and not mps):
         raise ConfigError(f"config: device: {requested!r} requested but not available on this machine; use 'auto' or 'cpu'")
-    return torch.device(requested)
+    return claim_gpu() if requested == "cuda" else torch.device(requested)
+
+
+_HELD_GPU_LOCKS: list = []  # open lock files: held until the process ends (or is killed)
+
+
+def claim_gpu(*, lock_dir: str | None = None) -> torch.device:
+    """A GPU of its own for this job among the visible ones.
+
+    Every job used ``cuda:0`` before, so ``--resources gpu=8`` on an 8-GPU workstation stacked
+    eight jobs on one GPU. Each visible GPU has a lock file (in ``$WSIATTACK_GPU_LOCK_DIR``,
+    default the temp dir); a job takes the first it can lock exclusively and keeps it for its
+    lifetime: the kernel releases it when the process ends, even when killed. One visible GPU (a
+    cluster job under ``CUDA_VISIBLE_DEVICES``, a workstation with one): ``cuda``, no lock. All
+    held (more GPU jobs than GPUs): the GPU of index pid mod count, with a warning.
+    """
+    count = torch.cuda.device_count()
+    if count <= 1:
+        return torch.device("cuda")
+    directory = Path(lock_dir or os.environ.get("WSIATTACK_GPU_LOCK_DIR") or tempfile.gettempdir())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all").replace(",", "-")
+    for index in range(count):
+        handle = open(directory / f"wsiattack-uid{os.getuid()}-gpus{visible}-{index}.lock", "a")  # noqa: SIM115 (held open)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        _HELD_GPU_LOCKS.append(handle)
+        return torch.device("cuda", index)
+    index = os.getpid() % count
+    log.warning("all %d visible GPUs are held by other jobs: sharing cuda:%d (give Snakemake --resources gpu=%d)", count, index, count)
+    return torch.device("cuda", index)
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
