@@ -6,6 +6,7 @@ rule summarize:
         evaluations=expand(
             "results/eval/{encoder}/{mil}/{attack}.csv", encoder=ENCODERS, mil=MIL_MODELS, attack=ATTACKS
         ),
+        splits="results/splits.csv",  # patient_id: the bootstrap resamples patients
     output:
         summary=report("results/summary.csv", caption="captions/summary.rst", category="Summary"),
     params:

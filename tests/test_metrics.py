@@ -210,3 +210,24 @@ def test_flip_rate_interval_is_exact_clopper_pearson(eval_df: pd.DataFrame) -> N
     from wsiattack.metrics import clopper_pearson
 
     assert clopper_pearson(0, 20)[1] == pytest.approx(1 - 0.025 ** (1 / 20)) and clopper_pearson(0, 20)[1] >= 0.15  # 0.168
+
+
+def test_bootstrap_resamples_patients_with_all_their_slides(eval_df: pd.DataFrame) -> None:
+    from wsiattack.metrics import _bootstrap_drops, _paired_predictions, _patient_groups
+
+    own = {s: s for s in eval_df["slide_id"]}
+    pd.testing.assert_frame_equal(  # one slide per patient: the slide bootstrap, draw for draw
+        summarize_attack(eval_df, classes=CLASSES, n_bootstrap=100, seed=2, patients=own),
+        summarize_attack(eval_df, classes=CLASSES, n_bootstrap=100, seed=2),
+    )
+    pairs = {s: f"p{i // 2}" for i, s in enumerate(eval_df["slide_id"])}  # 5 patients of 2 slides
+    groups = _patient_groups(eval_df["slide_id"], pairs)
+    paired = _paired_predictions(eval_df, classes=CLASSES)
+    got = _bootstrap_drops(paired, n_classes=2, n_bootstrap=50, seed=4, groups=groups)
+    draws = np.random.default_rng(4).integers(0, 5, size=(50, 5))
+    for drawn, row in zip(draws, got, strict=True):
+        rows = np.concatenate([np.flatnonzero(groups == g) for g in drawn])  # each drawn patient's slides
+        before, after = paired.subset(rows).clean_and_attacked(n_classes=2)
+        np.testing.assert_allclose(np.nan_to_num(row[:4]), np.nan_to_num((before - after)[:4]), atol=1e-12)
+    with pytest.raises(ValueError, match="no patient_id for slide"):
+        summarize_attack(eval_df, classes=CLASSES, n_bootstrap=10, seed=0, patients={})

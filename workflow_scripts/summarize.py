@@ -9,11 +9,13 @@ from wsiattack.evaluation import MARKING_COLUMNS
 
 
 def main(smk, spec):
+    splits = pd.read_csv(smk.input.splits, dtype={"slide_id": str, "patient_id": str})
+    patients = dict(zip(splits["slide_id"], splits["patient_id"], strict=True))  # CIs resample patients
     parts = []
     for path in smk.input.evaluations:
         encoder, mil, attack = Path(path).parts[-3], Path(path).parts[-2], Path(path).stem
         evaluation = pd.read_csv(path, dtype={"slide_id": str})
-        table = metrics.summarize_attack(evaluation, classes=spec["classes"], n_bootstrap=spec["n_bootstrap"], seed=spec["seed"])
+        table = metrics.summarize_attack(evaluation, classes=spec["classes"], n_bootstrap=spec["n_bootstrap"], seed=spec["seed"], patients=patients)
         table = pd.concat([table, metrics.embedding_shift(evaluation)], ignore_index=True)
         parts.append(table.assign(encoder=encoder, mil=mil, attack=attack, **marking(evaluation, path=path)))
     summary = pd.concat(parts, ignore_index=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +86,7 @@ class _PairedPredictions:
         )
 
 
-def summarize_attack(eval_df: pd.DataFrame, *, classes: Sequence[str], n_bootstrap: int, seed: int) -> pd.DataFrame:
+def summarize_attack(eval_df: pd.DataFrame, *, classes: Sequence[str], n_bootstrap: int, seed: int, patients: Mapping[str, str] | None = None) -> pd.DataFrame:
     """Clean vs. attacked metrics of one (encoder, MIL model, attack) with paired bootstrap CIs of the drop.
 
     ``eval_df`` has one row per slide: ``slide_id, label, label_idx, clean_pred, attacked_pred``
@@ -100,13 +100,17 @@ def summarize_attack(eval_df: pd.DataFrame, *, classes: Sequence[str], n_bootstr
     metric is undefined (e.g. AUROC with a missing class) are skipped for that metric; with
     ``n_bootstrap == 0`` the CIs are NaN. The flip rate's interval is the exact Clopper–Pearson
     one instead (a count of flips out of n slides: the bootstrap gives [0, 0] for 0 flips, while
-    0 of 20 only bounds the rate below 16.8 %), whatever ``n_bootstrap``.
+    0 of 20 only bounds the rate below 16.8 %), whatever ``n_bootstrap``. With ``patients``
+    (slide id -> patient id) the bootstrap resamples patients, each with all its slides: slides of
+    one patient are not independent. One slide per patient gives the slide bootstrap, draw for
+    draw.
     """
     if n_bootstrap < 0:
         raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
     predictions = _paired_predictions(eval_df, classes=classes)
     clean, attacked = predictions.clean_and_attacked(n_classes=len(classes))
-    drops = _bootstrap_drops(predictions, n_classes=len(classes), n_bootstrap=n_bootstrap, seed=seed)
+    groups = _patient_groups(eval_df["slide_id"].astype(str), patients)
+    drops = _bootstrap_drops(predictions, n_classes=len(classes), n_bootstrap=n_bootstrap, seed=seed, groups=groups)
     ci_low, ci_high = _percentile_intervals(drops)
     flips = int(np.sum(predictions.clean_pred != predictions.attacked_pred))
     flip_low, flip_high = clopper_pearson(flips, len(predictions.y_true))
@@ -136,7 +140,18 @@ def clopper_pearson(successes: int, n: int, *, level: float = 0.95) -> tuple[flo
     return low, high
 
 
-def _bootstrap_drops(predictions: _PairedPredictions, *, n_classes: int, n_bootstrap: int, seed: int) -> np.ndarray:
+def _patient_groups(slide_ids: pd.Series, patients: Mapping[str, str] | None) -> np.ndarray:
+    """Per slide, the index of its patient (in order of first appearance); each slide its own
+    patient without a mapping."""
+    if patients is None:
+        return np.arange(len(slide_ids))
+    missing = [s for s in slide_ids if s not in patients]
+    if missing:
+        raise ValueError(f"no patient_id for slide(s) {missing[:3]} in the splits")
+    return pd.factorize(np.asarray([patients[s] for s in slide_ids]))[0]
+
+
+def _bootstrap_drops(predictions: _PairedPredictions, *, n_classes: int, n_bootstrap: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
     """(n_bootstrap, n_metrics) drops; clean and attacked share each resample (paired).
 
     A resample is a vector of counts (how often each slide was drawn), and every metric is
@@ -146,12 +161,15 @@ def _bootstrap_drops(predictions: _PairedPredictions, *, n_classes: int, n_boots
     """
     rng = np.random.default_rng(seed)
     n_slides = len(predictions.y_true)
-    draws = rng.integers(0, n_slides, size=(n_bootstrap, n_slides))
-    counts = np.zeros((n_bootstrap, n_slides))
-    np.add.at(counts, (np.arange(n_bootstrap)[:, None], draws), 1.0)
+    groups = np.arange(n_slides) if groups is None else np.asarray(groups)
+    n_groups = int(groups.max()) + 1 if n_slides else 0
+    draws = rng.integers(0, n_groups, size=(n_bootstrap, n_groups))  # patients (= slides without groups)
+    group_counts = np.zeros((n_bootstrap, n_groups))
+    np.add.at(group_counts, (np.arange(n_bootstrap)[:, None], draws), 1.0)
+    counts = group_counts[:, groups]  # every slide drawn as often as its patient
     clean = _weighted_metrics(counts, y_true=predictions.y_true, prob=predictions.clean_prob, y_pred=predictions.clean_pred, n_classes=n_classes)
     attacked = _weighted_metrics(counts, y_true=predictions.y_true, prob=predictions.attacked_prob, y_pred=predictions.attacked_pred, n_classes=n_classes)
-    flip_rate = counts @ (predictions.clean_pred != predictions.attacked_pred) / n_slides
+    flip_rate = counts @ (predictions.clean_pred != predictions.attacked_pred) / counts.sum(axis=1)
     return np.column_stack([clean[:, :-1] - attacked[:, :-1], -flip_rate]) if n_bootstrap else np.empty((0, len(SUMMARY_METRICS)))
 
 
