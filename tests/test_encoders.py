@@ -401,3 +401,16 @@ def test_each_gpu_job_claims_its_own_gpu_and_frees_it_when_it_ends(monkeypatch, 
     assert out == "cuda:1"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert runtime.claim_gpu(lock_dir=str(tmp_path)) == torch.device("cuda")  # one visible GPU: no lock
+
+
+def test_an_encoder_that_rescales_the_tiles_is_named_in_a_warning(caplog):
+    """CONCH v1.5 takes 448 px: 224 px tiles are upsampled 2x, i.e. seen at twice the magnification."""
+    from wsiattack.encoders.model import warn_on_rescaled_tiles
+
+    conch = registry.get_spec("conch_v1_5")
+    with caplog.at_level("WARNING"):
+        assert warn_on_rescaled_tiles(conch, tile_px=224, label="slide_1")
+        assert not warn_on_rescaled_tiles(conch, tile_px=448, label="slide_1")
+        assert not warn_on_rescaled_tiles(registry.get_spec("demo"), tile_px=224, label="slide_1")
+    assert len(caplog.records) == 1
+    assert "slide_1: encoder 'conch_v1_5' takes 448 px input but the tiles are 224 px" in caplog.text and "set tiling.tile_px to 448" in caplog.text

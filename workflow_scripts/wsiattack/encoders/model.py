@@ -77,6 +77,21 @@ def resize_to_input(pixels: torch.Tensor, spec: EncoderSpec) -> torch.Tensor:
     return pixels
 
 
+def warn_on_rescaled_tiles(spec: EncoderSpec, *, tile_px: int, label: str) -> bool:
+    """Warn when the encoder will rescale the tiles (e.g. CONCH v1.5's 448 px input from 224 px
+    tiles): the model then sees another magnification than it was trained at, silently. The
+    remedy is tiling.tile_px (at the same target_mpp) equal to the encoder's input size."""
+    size = spec.resize_px or spec.input_px
+    if tile_px == size:
+        return False
+    log.warning(
+        "%s: encoder %r takes %d px input but the tiles are %d px: they are resized by %.2fx, so the model sees "
+        "them at %.2fx the tiling's magnification; set tiling.tile_px to %d (keeping target_mpp) to feed it native pixels",
+        label, spec.name, size, tile_px, size / tile_px, size / tile_px, size,
+    )
+    return True
+
+
 def readout(backbone: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor:
     """The embedding of normalised input ``x``: CLS, CLS ++ mean of patch tokens, pooled, or output."""
     if kind == "output":  # forward() already returns (B, D)
@@ -319,6 +334,7 @@ def embed_tiles(encoder: TileEncoder, tiles, *, batch_size: int, device: torch.d
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     n_tiles = tiles.shape[0]
+    warn_on_rescaled_tiles(encoder.spec, tile_px=int(tiles.shape[1]), label=label)
     out = np.empty((n_tiles, encoder.spec.embed_dim), dtype=np.float32)
     progress = _Progress(label=label, total=n_tiles)
     for start, batch in iter_batches(tiles, batch_size=batch_size):
