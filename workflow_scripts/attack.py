@@ -1,14 +1,12 @@
 """Rule attack: perturb the selected tiles of every slide of one shard, then re-embed them."""
-from wsiattack import rulekit, runtime, shardjobs, stores, tiling
+from wsiattack import rulekit, runtime, shardjobs
 from wsiattack.attacks.oracle import load_fold_head
 from wsiattack.attacks.params import uses_mil_head
 from wsiattack.encoders.model import build_encoder
 
 
 def main(smk, spec):
-    slides = shardjobs.slides_in(smk.input.tiles)
-    for slide in slides:
-        stores.open_tiles(slide.tiles_store, expected=tiling.expected_tiles_attrs(spec["tiling"]))  # refuse stale tiles
+    slides = shardjobs.slides_in(smk.input.tiles, tiling_spec=spec["tiling"])
     # gray-box attacks: the head of the fold in which the slide is a test slide
     mil_head_of = (lambda slide_id: load_fold_head(slide_id=slide_id, splits_csv=smk.input.splits, model_paths=smk.input.mil_heads)) if uses_mil_head(spec["attack"]) else None
     shardjobs.attack_shard(

@@ -1,12 +1,10 @@
 """Rule extract: the tiles stores of one shard -> one features store per slide."""
-from wsiattack import rulekit, runtime, shardjobs, stores, tiling
+from wsiattack import rulekit, runtime, shardjobs
 from wsiattack.encoders.model import build_encoder
 
 
 def main(smk, spec):
-    slides = shardjobs.slides_in(smk.input.tiles)
-    for slide in slides:
-        stores.open_tiles(slide.tiles_store, expected=tiling.expected_tiles_attrs(spec["tiling"]))  # refuse stale tiles
+    slides = shardjobs.slides_in(smk.input.tiles, tiling_spec=spec["tiling"])
     shardjobs.extract_shard(slides=slides, encoder=build_encoder(**spec["encoder"]), batch_size=spec["batch_size"], device=runtime.resolve_device(smk.params.device), out_dir=smk.output.features, reader_threads=smk.threads)
 
 

@@ -170,13 +170,13 @@ def _bootstrap_drops(predictions: _PairedPredictions, *, n_classes: int, n_boots
     clean = _weighted_metrics(counts, y_true=predictions.y_true, prob=predictions.clean_prob, y_pred=predictions.clean_pred, n_classes=n_classes)
     attacked = _weighted_metrics(counts, y_true=predictions.y_true, prob=predictions.attacked_prob, y_pred=predictions.attacked_pred, n_classes=n_classes)
     flip_rate = counts @ (predictions.clean_pred != predictions.attacked_pred) / counts.sum(axis=1)
-    return np.column_stack([clean[:, :-1] - attacked[:, :-1], -flip_rate]) if n_bootstrap else np.empty((0, len(SUMMARY_METRICS)))
+    return np.column_stack([clean - attacked, -flip_rate]) if n_bootstrap else np.empty((0, len(SUMMARY_METRICS)))
 
 
 def _weighted_metrics(counts: np.ndarray, *, y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """(B, n_metrics) CLASSIFICATION_METRICS (then a 0 column for flip_rate) of B resamples given
-    as slide counts (B, n). Classes absent from both labels and predictions of a resample are
-    left out of the macro averages, as sklearn does; AUROC is NaN where a class is missing."""
+    """(B, 4) CLASSIFICATION_METRICS of B resamples given as slide counts (B, n). Classes absent
+    from both labels and predictions of a resample are left out of the macro averages, as sklearn
+    does; AUROC is NaN where a class is missing."""
     classes = np.arange(n_classes)
     is_true = (y_true[:, None] == classes).astype(float)  # (n, C)
     is_pred = (y_pred[:, None] == classes).astype(float)
@@ -193,7 +193,7 @@ def _weighted_metrics(counts: np.ndarray, *, y_true: np.ndarray, prob: np.ndarra
     else:
         auroc = np.mean([_weighted_auroc(counts, positive=y_true == c, score=prob[:, c]) for c in classes], axis=0)
     auroc[(support == 0).any(axis=1)] = np.nan
-    return np.column_stack([accuracy, balanced, f1, auroc, np.zeros(len(counts))])
+    return np.column_stack([accuracy, balanced, f1, auroc])
 
 
 def _weighted_auroc(counts: np.ndarray, *, positive: np.ndarray, score: np.ndarray) -> np.ndarray:

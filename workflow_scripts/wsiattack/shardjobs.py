@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from wsiattack import extraction, stores
+from wsiattack import extraction, stores, tiling
 from wsiattack.attacks.perturb import perturb_slide
 from wsiattack.encoders.model import TileEncoder
 
@@ -42,11 +42,17 @@ def shard_slides(slide_ids: Sequence[str], tiles_stores: Sequence[str | Path], s
     return [ShardSlide(s, str(t), None if p is None else str(p)) for s, t, p in zip(slide_ids, tiles_stores, paths, strict=True)]
 
 
-def slides_in(tiles_dir: str | Path) -> list[ShardSlide]:
+def slides_in(tiles_dir: str | Path, *, tiling_spec: Mapping[str, Any]) -> list[ShardSlide]:
     """The slides of a shard: one per tiles store in the tile job's directory, each read where its
-    store recorded it. GPU jobs take their slide list from here, not from the sample sheet, so on a
-    cluster they need neither the sheet nor the demo checkpoint."""
-    return [ShardSlide(store.name.removesuffix(".zarr"), str(store), None) for store in stores.slide_stores([tiles_dir])]
+    store recorded it; a store tiled with another spec than ``tiling_spec`` is refused (stale).
+    GPU jobs take their slide list from here, not from the sample sheet, so on a cluster they
+    need neither the sheet nor the demo checkpoint."""
+    expected = tiling.expected_tiles_attrs(tiling_spec)
+    slides = []
+    for store in stores.slide_stores([tiles_dir]):
+        stores.open_tiles(store, expected=expected)
+        slides.append(ShardSlide(store.name.removesuffix(".zarr"), str(store), None))
+    return slides
 
 
 def extract_shard(*, slides: Sequence[ShardSlide], encoder: TileEncoder, batch_size: int, device: torch.device, out_dir: str | Path, reader_threads: int = 1) -> int:
