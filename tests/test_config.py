@@ -60,6 +60,9 @@ def test_factor_grid_overlays_the_default_with_48_attacks():
         (lambda c: c["attacks"]["pgd_eps4"].update(method="deepfool"), r"attacks\.pgd_eps4\.method: 'deepfool' is not one of"),
         (lambda c: c.pop("classes"), r"'classes' is a required property"),
         (lambda c: c["attacks"].update({"bad/name": c["attacks"]["pgd_eps4"]}), r"config: attacks: 'bad/name' does not match"),
+        (lambda c: c["mil"].update(models=["abmil", "gnn"]), r"config: mil\.models\.1: 'gnn' is not one of"),
+        (lambda c: c["mil"].update(hparams={"mean": {"attention_dim": 8}}), r"mil\.hparams\.mean: .*'attention_dim' was unexpected\) \(allowed: dropout, hidden_dim\)"),
+        (lambda c: c["mil"].update(val_fraction=0.5), r"config: mil\.val_fraction: 0\.5 is greater than or equal to the maximum"),
     ],
 )
 def test_bad_config_names_the_key(shipped, edit, message):
@@ -67,6 +70,29 @@ def test_bad_config_names_the_key(shipped, edit, message):
     edit(bad)
     with pytest.raises(ConfigError, match=message):
         wsiconfig.validate_config(bad)
+
+
+def test_mil_hparams_in_the_schema_are_the_constructor_arguments():
+    import inspect
+
+    from wsiattack.mil import MIL_MODELS
+
+    schema = wsiconfig.load_schema()
+    by_model = schema["properties"]["mil"]["properties"]["hparams"]["properties"]
+    assert set(by_model) == set(MIL_MODELS) == set(schema["properties"]["mil"]["properties"]["models"]["items"]["enum"])
+    for name, model_class in MIL_MODELS.items():
+        definition = schema["$defs"]["mil_hparams"][by_model[name]["$ref"].rsplit("/", 1)[1]]
+        arguments = set(inspect.signature(model_class).parameters) - {"in_dim", "n_classes"}
+        assert set(definition["properties"]) == arguments, name
+
+
+def test_a_mil_model_spec_holds_its_own_hparams_only(shipped):
+    edited = copy.deepcopy(shipped)
+    edited["mil"]["models"] = ["abmil", "transmil"]
+    edited["mil"]["hparams"] = {"transmil": {"heads": 2}}
+    config = wsiconfig.validate_config(edited)
+    assert wsiconfig.mil_spec(config, "transmil")["hparams"] == {"heads": 2}
+    assert wsiconfig.mil_spec(config, "abmil") == {**wsiconfig.mil_spec(wsiconfig.validate_config(shipped), "abmil")}
 
 
 def test_equivalent_values_give_the_same_spec(shipped):

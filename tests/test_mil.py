@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from wsiattack.mil import (
-    GatedABMIL,
+    MIL_MODELS,
     MILTrainingSpec,
     build_mil_model,
     load_mil_checkpoint,
@@ -21,6 +21,8 @@ from wsiattack.mil import (
     save_mil_checkpoint,
     train_mil,
 )
+from wsiattack.mil.models import NystromAttention, _iterative_pinv, _nystrom_mix
+from wsiattack.mil.splits import inner_validation
 
 IN_DIM = 16
 SPEC = MILTrainingSpec(
@@ -33,54 +35,113 @@ SPEC = MILTrainingSpec(
 )
 
 
-# --- models -------------------------------------------------------------------------------------
+# --- models (every registered head) ------------------------------------------------------------
+
+HEADS = sorted(MIL_MODELS)
+ORDER_INVARIANT = [name for name in HEADS if name != "transmil"]  # TransMIL's PPEG sees tile order
+SMALL = {"hidden_dim": 8}
 
 
-@pytest.fixture
-def model() -> GatedABMIL:
+def _head(name: str, **hparams) -> torch.nn.Module:
     torch.manual_seed(0)
-    return GatedABMIL(in_dim=IN_DIM, n_classes=3, hidden_dim=8, attention_dim=4).eval()
+    return build_mil_model(name, in_dim=IN_DIM, n_classes=3, **{**SMALL, **hparams}).eval()
 
 
-def test_abmil_output_shapes_and_attention_is_a_distribution(model: GatedABMIL) -> None:
-    logits, attention = model(torch.randn(7, IN_DIM))
-    assert logits.shape == (3,)
-    assert attention.shape == (7,)
-    assert (attention >= 0).all()
-    assert attention.sum().item() == pytest.approx(1.0, abs=1e-6)
+def test_the_six_heads_are_registered() -> None:
+    assert set(MIL_MODELS) == {"abmil", "clam_sb", "dsmil", "transmil", "max", "mean"}
 
 
-def test_abmil_is_permutation_invariant(model: GatedABMIL) -> None:
-    features = torch.randn(11, IN_DIM)
-    permutation = torch.randperm(11)
-    logits, attention = model(features)
-    permuted_logits, permuted_attention = model(features[permutation])
-    torch.testing.assert_close(permuted_attention, attention[permutation])
+@pytest.mark.parametrize("name", HEADS)
+@pytest.mark.parametrize("n_tiles", [1, 2, 7, 50])  # 50 > TransMIL's 4 landmarks at hidden_dim 8: Nyström path
+def test_head_shapes_and_tile_weights_are_a_distribution(name: str, n_tiles: int) -> None:
+    logits, weights = _head(name)(torch.randn(n_tiles, IN_DIM))
+    assert logits.shape == (3,) and weights.shape == (n_tiles,)
+    assert torch.isfinite(logits).all()
+    assert (weights >= 0).all()
+    assert weights.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ORDER_INVARIANT)
+def test_head_is_permutation_invariant(name: str) -> None:
+    model, features, permutation = _head(name), torch.randn(11, IN_DIM), torch.randperm(11)
+    logits, weights = model(features)
+    permuted_logits, permuted_weights = model(features[permutation])
+    torch.testing.assert_close(permuted_weights, weights[permutation])
     torch.testing.assert_close(permuted_logits, logits)
 
 
-def test_abmil_single_tile_bag_gets_all_attention(model: GatedABMIL) -> None:
-    logits, attention = model(torch.randn(1, IN_DIM))
-    assert logits.shape == (3,)
-    torch.testing.assert_close(attention, torch.ones(1))
+def test_transmil_sees_tile_order() -> None:
+    model, features = _head("transmil"), torch.randn(11, IN_DIM)
+    assert not torch.allclose(model(features)[0], model(features.flip(0))[0])
 
 
-def test_abmil_rejects_wrong_feature_shape(model: GatedABMIL) -> None:
-    with pytest.raises(ValueError, match="expected one non-empty bag"):
-        model(torch.randn(1, 4, IN_DIM))
-    with pytest.raises(ValueError, match="expected one non-empty bag"):
-        model(torch.randn(0, IN_DIM))
+@pytest.mark.parametrize("name", HEADS)
+def test_head_rejects_wrong_feature_shape(name: str) -> None:
+    model = _head(name)
+    for bad in (torch.randn(1, 4, IN_DIM), torch.randn(0, IN_DIM), torch.randn(3, IN_DIM + 1)):
+        with pytest.raises(ValueError, match="expected one non-empty bag"):
+            model(bad)
 
 
-def test_build_mil_model_passes_hparams() -> None:
-    built = build_mil_model("abmil", in_dim=IN_DIM, n_classes=2, hidden_dim=8)
-    assert isinstance(built, GatedABMIL)
-    assert built.hparams["hidden_dim"] == 8
+def test_pooling_heads_are_the_mean_and_the_max_of_instance_logits() -> None:
+    features = torch.randn(9, IN_DIM)
+    for name, pool in (("mean", lambda x: x.mean(0)), ("max", lambda x: x.max(0).values)):
+        model = _head(name)
+        instance_logits = model.classifier(model.embed(features))
+        logits, weights = model(features)
+        torch.testing.assert_close(logits, pool(instance_logits))
+        # weights rank tiles by the predicted class's instance score
+        assert torch.equal(weights.argsort(), instance_logits[:, logits.argmax()].argsort())
+
+
+def test_nystrom_is_exact_with_one_landmark_per_token_and_pinv_converges() -> None:
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 12, 4, generator=generator) for _ in range(3))
+    exact = torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+    torch.testing.assert_close(_nystrom_mix(q, k, v, landmarks=12, pinv_iterations=20), exact, atol=1e-4, rtol=1e-3)
+    kernel = torch.softmax(torch.randn(2, 6, 6, generator=generator), dim=-1)
+    torch.testing.assert_close(_iterative_pinv(kernel, 20), torch.linalg.pinv(kernel), atol=1e-3, rtol=1e-3)
+    attention = NystromAttention(8, heads=2, landmarks=4, dropout=0.0)
+    assert attention.query_attention(torch.randn(5, 8), row=0).sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_clam_instance_loss_trains_the_bag_class_instance_classifier() -> None:
+    model = _head("clam_sb", k_sample=3).train()
+    features, target, weights = torch.randn(10, IN_DIM), torch.tensor([2]), torch.ones(3)
+    loss = model.loss(features, target, class_weights=weights)
+    loss.backward()
+    grads = [classifier.weight.grad for classifier in model.instance_classifiers]
+    assert grads[2] is not None and grads[2].abs().sum() > 0
+    assert grads[0] is None and grads[1] is None  # binary clustering: the other classes' are untouched
+    model.eval()  # one tile has no pairs to contrast: the bag loss alone
+    torch.testing.assert_close(
+        model.loss(features[:1], target, class_weights=weights),
+        torch.nn.functional.cross_entropy(model(features[:1])[0][None], target, reduction="sum"),
+    )
+
+
+def test_dsmil_loss_is_the_mean_of_its_two_streams() -> None:
+    model = _head("dsmil")
+    features, target, weights = torch.randn(10, IN_DIM), torch.tensor([1]), torch.ones(3)
+    max_logits, bag_logits, attention = model._streams(features)
+    expected = 0.5 * sum(torch.nn.functional.cross_entropy(x[None], target) for x in (max_logits, bag_logits))
+    torch.testing.assert_close(model.loss(features, target, class_weights=weights), expected)
+    torch.testing.assert_close(attention.sum(0), torch.ones(3))  # per class, a distribution over tiles
+
+
+def test_build_mil_model_passes_hparams_and_rejects_unknown_ones() -> None:
+    assert build_mil_model("transmil", in_dim=IN_DIM, n_classes=2, hidden_dim=8, heads=2).hparams["heads"] == 2
+    with pytest.raises(TypeError):
+        build_mil_model("mean", in_dim=IN_DIM, n_classes=2, attention_dim=8)
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        build_mil_model("transmil", in_dim=IN_DIM, n_classes=2, hidden_dim=10, heads=4)
+    with pytest.raises(ValueError, match="dropout"):
+        build_mil_model("abmil", in_dim=IN_DIM, n_classes=2, dropout=1.0)
 
 
 def test_build_mil_model_unknown_name_lists_known_models() -> None:
-    with pytest.raises(ValueError, match=r"unknown MIL model 'transmil'.*abmil"):
-        build_mil_model("transmil", in_dim=IN_DIM, n_classes=2)
+    with pytest.raises(ValueError, match=r"unknown MIL model 'vit'.*abmil.*transmil"):
+        build_mil_model("vit", in_dim=IN_DIM, n_classes=2)
 
 
 # --- splits -------------------------------------------------------------------------------------
@@ -167,7 +228,7 @@ def _synthetic_bags(*, n_bags: int, seed: int) -> tuple[list[torch.Tensor], list
 @pytest.fixture(scope="module")
 def trained() -> torch.nn.Module:
     bags, labels, _ = _synthetic_bags(n_bags=80, seed=1)
-    return train_mil(bags=bags, labels=labels, n_classes=2, spec=SPEC)
+    return train_mil(bags=bags, labels=labels, n_classes=2, spec=SPEC).model
 
 
 @pytest.fixture(scope="module")
@@ -196,10 +257,10 @@ def test_train_mil_is_deterministic_and_leaves_global_rng_alone() -> None:
     bags, labels, _ = _synthetic_bags(n_bags=10, seed=4)
     spec = MILTrainingSpec(model="abmil", epochs=2, lr=1e-3, weight_decay=0.0, seed=5, hparams={"hidden_dim": 8})
     rng_state = torch.get_rng_state()
-    first = train_mil(bags=bags, labels=labels, n_classes=2, spec=spec).state_dict()
+    first = train_mil(bags=bags, labels=labels, n_classes=2, spec=spec).model.state_dict()
     assert torch.equal(torch.get_rng_state(), rng_state)
     torch.manual_seed(123)  # a different global state must not matter either
-    second = train_mil(bags=bags, labels=labels, n_classes=2, spec=spec).state_dict()
+    second = train_mil(bags=bags, labels=labels, n_classes=2, spec=spec).model.state_dict()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
 
@@ -270,3 +331,80 @@ def test_checkpoint_rejects_bad_meta(tmp_path, trained: torch.nn.Module) -> None
     with pytest.raises(ValueError, match=r"contradicts the model on \['n_classes'\]"):
         save_mil_checkpoint(tmp_path / "m.safetensors", model=trained, meta={"model": "abmil", "n_classes": 3})
     assert list(tmp_path.iterdir()) == []
+
+
+# --- every head trained, early stopping, inner validation ---------------------------------------
+
+HEAD_SPEC = {"epochs": 12, "lr": 2e-3, "weight_decay": 1e-4, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def trained_heads() -> dict[str, torch.nn.Module]:
+    bags, labels, _ = _synthetic_bags(n_bags=80, seed=1)
+    return {
+        name: train_mil(bags=bags, labels=labels, n_classes=2,
+                        spec=MILTrainingSpec(model=name, hparams={"hidden_dim": 32}, **HEAD_SPEC)).model
+        for name in HEADS
+    }
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_every_head_learns_a_toy_mil_task_and_weighs_the_key_instances(name: str, trained_heads, held_out) -> None:
+    model = trained_heads[name]
+    predictions, on_shifted, on_others = [], [], []
+    for bag, label, shifted in zip(*held_out, strict=True):
+        probabilities, weights = predict_bag(model, bag)
+        predictions.append(int(np.argmax(probabilities)))
+        if label == 1:
+            on_shifted.append(weights[shifted.numpy()].mean())
+            on_others.append(weights[~shifted.numpy()].mean())
+    assert np.mean(np.array(predictions) == np.array(held_out[1])) >= 0.9
+    assert np.mean(on_shifted) > 2 * np.mean(on_others)
+
+
+@pytest.mark.parametrize("name", HEADS)
+def test_every_head_survives_a_checkpoint_round_trip(tmp_path, name: str, trained_heads, held_out) -> None:
+    path = tmp_path / f"{name}.safetensors"
+    save_mil_checkpoint(path, model=trained_heads[name], meta={"fold": 0})
+    loaded, metadata = load_mil_checkpoint(path)
+    assert type(loaded) is type(trained_heads[name]) and metadata["model"] == name
+    assert metadata["hparams"] == trained_heads[name].hparams
+    for bag in held_out[0][:3]:
+        for original, reloaded in zip(predict_bag(trained_heads[name], bag), predict_bag(loaded, bag), strict=True):
+            np.testing.assert_array_equal(original, reloaded)
+
+
+def test_early_stopping_keeps_the_best_validation_epoch() -> None:
+    bags, labels, _ = _synthetic_bags(n_bags=20, seed=5)
+    val_bags, val_labels, _ = _synthetic_bags(n_bags=10, seed=6)
+    noisy = [1 - label if i % 3 == 0 else label for i, label in enumerate(labels)]  # overfits: val loss turns
+    spec = MILTrainingSpec(model="abmil", epochs=60, lr=5e-3, weight_decay=0.0, seed=0, patience=3, hparams={"hidden_dim": 16})
+    result = train_mil(bags=bags, labels=noisy, n_classes=2, spec=spec, val_bags=val_bags, val_labels=val_labels)
+    assert result.epochs_run < spec.epochs
+    assert result.epochs_run - result.best_epoch == spec.patience
+    from wsiattack.mil.training import _class_balanced_weights, _mean_loss
+
+    weights = _class_balanced_weights(torch.tensor(noisy), n_classes=2)
+    kept = _mean_loss(result.model, [torch.as_tensor(b) for b in val_bags], torch.tensor(val_labels), class_weights=weights)
+    assert kept == pytest.approx(result.best_val_loss, rel=1e-6)
+    without = train_mil(bags=bags, labels=noisy, n_classes=2, spec=spec)
+    assert (without.epochs_run, without.best_epoch, without.best_val_loss) == (60, 60, None)
+
+
+def test_inner_validation_is_stratified_grouped_and_seeded() -> None:
+    samples = _patient_slides()
+    mask = inner_validation(samples, fraction=0.25, seed=0)
+    assert mask.index.equals(samples.index)
+    assert 0.15 < mask.mean() < 0.35
+    assert set(samples["label"][mask]) == set(samples["label"][~mask]) == {"A", "B"}
+    patients_in_val = set(samples["patient_id"][mask])
+    assert patients_in_val.isdisjoint(samples["patient_id"][~mask])
+    assert mask.equals(inner_validation(samples, fraction=0.25, seed=0))
+    assert not mask.equals(inner_validation(samples, fraction=0.25, seed=1))
+
+
+def test_inner_validation_refuses_too_few_slides_per_class() -> None:
+    with pytest.raises(ValueError, match=r"inner validation split \(val_fraction=0.2\).*class 'B' has 3 slides.*set it to 0"):
+        inner_validation(_slides(10, 3), fraction=0.2, seed=0)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 0.5\)"):
+        inner_validation(_slides(10, 10), fraction=0.5, seed=0)

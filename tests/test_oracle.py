@@ -21,7 +21,7 @@ from wsiattack.errors import AttackError, StoreError
 from wsiattack.evaluation import evaluate_attack
 from wsiattack.encoders.model import build_encoder
 from wsiattack.extraction import extract_slide, reembed_slide
-from wsiattack.mil import GatedABMIL, save_mil_checkpoint
+from wsiattack.mil import MIL_MODELS, GatedABMIL, build_mil_model, save_mil_checkpoint
 from wsiattack.shards import partition, shard_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,8 @@ def head(seed: int, *, reverse: bool = False) -> GatedABMIL:
     module = GatedABMIL(in_dim=DIM, n_classes=2, hidden_dim=16, attention_dim=8, dropout=0.0).eval()
     if reverse:
         with torch.no_grad():
-            module.attention_w.weight.neg_()
-            module.attention_w.bias.neg_()
+            module.attention.attention_w.weight.neg_()
+            module.attention.attention_w.bias.neg_()
     return module
 
 
@@ -106,6 +106,26 @@ def test_the_head_is_the_one_of_the_slides_test_fold(fold_heads, tmp_path):
     save_mil_checkpoint(paths[1], model=fold_head(1), meta={"fold": 1, "classes": CLASSES, "train_slides": ["s1"]})
     with pytest.raises(StoreError, match="re-run train_mil"):  # a head that saw the slide is refused
         load_fold_head(slide_id="s1", splits_csv=splits, model_paths=paths)
+    save_mil_checkpoint(paths[1], model=fold_head(1), meta={"fold": 1, "classes": CLASSES, "train_slides": [], "val_slides": ["s1"]})
+    with pytest.raises(StoreError, match="re-run train_mil"):  # so is one that early-stopped on it
+        load_fold_head(slide_id="s1", splits_csv=splits, model_paths=paths)
+
+
+@pytest.mark.parametrize("name", sorted(MIL_MODELS))
+def test_every_head_ranks_tiles_and_gives_the_oracle_a_gradient(name):
+    torch.manual_seed(0)
+    module = build_mil_model(name, in_dim=DIM, n_classes=2, hidden_dim=16).eval().requires_grad_(False)
+    bag = torch.randn(N_TILES, DIM)
+    scores = attention_scores(head=module, bag=bag.numpy())
+    assert scores.shape == (N_TILES,) and scores.sum() == pytest.approx(1.0) and np.ptp(scores) > 0
+    # the top-ranked tiles: a max-pooling head passes no gradient to tiles below the arg-max
+    rows = torch.from_numpy(np.argsort(-scores)[:3].copy())
+    embedding = (bag[rows] + 0.1 * torch.randn(3, DIM)).requires_grad_(True)
+    objective = MILHead(module=module, target=1).objective_for(bag=bag, rows=rows)
+    value = objective(embedding, bag[rows])
+    value.sum().backward()
+    assert value.shape == (3,) and torch.isfinite(value).all()
+    assert embedding.grad.abs().sum() > 0
 
 
 def test_attention_selection_picks_the_folds_top_attention_tiles_and_is_marked(tmp_path, slide, fold_heads):

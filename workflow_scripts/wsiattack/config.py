@@ -172,8 +172,9 @@ def attack_spec(config: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def mil_spec(config: Mapping[str, Any], model: str) -> dict[str, Any]:
-    spec = {k: v for k, v in config["mil"].items() if k != "models"}
-    return {"model": model, **spec}
+    """Training settings of one MIL model: its own hparams only, so editing another's re-runs nothing here."""
+    spec = {k: copy.deepcopy(v) for k, v in config["mil"].items() if k not in ("models", "hparams")}
+    return {"model": model, **spec, "hparams": copy.deepcopy(config["mil"]["hparams"].get(model, {}))}
 
 
 def split_spec(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -62,7 +62,8 @@ def load_fold_head(*, slide_id: str, splits_csv: str | Path, model_paths: Sequen
     if len(paths) != 1:
         raise AttackError(f"{slide_id}: is a test slide of fold {fold}, but {len(paths)} of the {len(model_paths)} MIL checkpoints given are of that fold")
     module, meta = load_mil_checkpoint(paths[0])
-    if meta.get("fold") != fold or slide_id in meta.get("train_slides", ()):
+    seen = {*meta.get("train_slides", ()), *meta.get("val_slides", ())}
+    if meta.get("fold") != fold or slide_id in seen:
         raise StoreError(f"{paths[0]}: trained for fold {meta.get('fold')} on slides that include {slide_id!r} or not for fold {fold}; splits changed since training: re-run train_mil")
     classes = list(meta["classes"])
     if record["label"] not in classes:

@@ -61,3 +61,29 @@ def _check_enough_groups(*, labels: pd.Series, groups: pd.Series, folds: int) ->
     if not too_few.empty:
         details = ", ".join(f"class {label!r} has {count} {unit}" for label, count in too_few.items())
         raise ValueError(f"{details}; folds={folds} needs at least {folds} {unit} per class")
+
+
+def inner_validation(train: pd.DataFrame, *, fraction: float, seed: int) -> pd.Series:
+    """A boolean mask over ``train``'s rows: the inner validation slides for early stopping.
+
+    About ``fraction`` of the training slides, stratified by label and grouped by ``patient_id``
+    (one fold of a StratifiedGroupKFold with round(1 / fraction) folds), so that no patient has
+    slides on both sides. Every class must keep a slide on both sides.
+    """
+    if not 0.0 < fraction < 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5) (or 0 for no validation), got {fraction}")
+    n_splits = max(2, round(1.0 / fraction))
+    groups = train["patient_id"] if "patient_id" in train.columns else train["slide_id"]
+    try:
+        _check_enough_groups(labels=train["label"], groups=groups, folds=n_splits)
+    except ValueError as error:
+        raise ValueError(f"inner validation split (val_fraction={fraction}): {error}; lower val_fraction or set it to 0") from None
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, val_rows = next(splitter.split(np.zeros(len(train)), train["label"].to_numpy(), groups.to_numpy()))
+    mask = np.zeros(len(train), dtype=bool)
+    mask[val_rows] = True
+    for side, rows in (("validation", mask), ("training", ~mask)):
+        missing = sorted(set(train["label"]) - set(train["label"][rows]))
+        if missing:
+            raise ValueError(f"the inner {side} split has no slide of class(es) {missing}; change val_fraction")
+    return pd.Series(mask, index=train.index, name="validation")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -13,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from wsiattack.mil.models import build_mil_model, mil_model_name
+from wsiattack.mil.models import MILModel, build_mil_model, mil_model_name, slide_cross_entropy
 
 logger = logging.getLogger(__name__)
 
@@ -29,29 +29,58 @@ LOG_EVERY_EPOCHS = 10
 
 @dataclass(frozen=True)
 class MILTrainingSpec:
-    """How to train one MIL model; ``hparams`` go to the model constructor."""
+    """How to train one MIL model; ``hparams`` go to the model constructor.
+
+    ``epochs`` is the most that run: with validation bags, training stops once the validation
+    loss has not improved for ``patience`` epochs and the weights of its best epoch are kept.
+    """
 
     model: str
     epochs: int
     lr: float
     weight_decay: float
     seed: int
+    patience: int = 10
     hparams: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.epochs < 1 or self.patience < 1:
+            raise ValueError(f"epochs and patience must be >= 1, got epochs={self.epochs}, patience={self.patience}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
 
 
-def train_mil(*, bags: Sequence[Tensor], labels: Sequence[int], n_classes: int, spec: MILTrainingSpec) -> nn.Module:
-    """Train ``spec.model`` on (bag, label) pairs, one bag per step; return it in eval mode.
+@dataclass(frozen=True)
+class MILTrainingResult:
+    """The trained model (eval mode) and how its training went, recorded in its checkpoint."""
 
+    model: MILModel
+    epochs_run: int
+    best_epoch: int  # the epoch whose weights are kept (the last one without validation)
+    best_val_loss: float | None  # mean weighted validation loss at best_epoch; None without validation
+
+    def record(self) -> dict[str, Any]:
+        return {"epochs_run": self.epochs_run, "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss}
+
+
+def train_mil(
+    *,
+    bags: Sequence[Tensor],
+    labels: Sequence[int],
+    n_classes: int,
+    spec: MILTrainingSpec,
+    val_bags: Sequence[Tensor] = (),
+    val_labels: Sequence[int] = (),
+) -> MILTrainingResult:
+    """Train ``spec.model`` on (bag, label) pairs, one bag per step, early-stopped on the val bags.
+
+    Classes are weighted by inverse frequency in the training bags (in the validation loss too).
     Deterministic given the inputs and ``spec.seed``; the global torch RNG is left untouched.
     """
     bags = _as_float_bags(bags)
     targets = _check_labels(labels, n_bags=len(bags), n_classes=n_classes)
+    validation = _as_float_bags(val_bags, in_dim=bags[0].shape[1]) if len(val_bags) else []
+    val_targets = _check_labels(val_labels, n_bags=len(validation), n_classes=n_classes)
     class_weights = _class_balanced_weights(targets, n_classes=n_classes)
     # Init and dropout draw from the global RNG: fork it so that training is seeded by the spec
     # alone and the caller's RNG stream is the same afterwards.
@@ -60,23 +89,32 @@ def train_mil(*, bags: Sequence[Tensor], labels: Sequence[int], n_classes: int, 
         model = build_mil_model(spec.model, in_dim=bags[0].shape[1], n_classes=n_classes, **spec.hparams)
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
         order_generator = torch.Generator().manual_seed(spec.seed)
+        best_epoch, best_loss, best_state = 0, math.inf, None
         for epoch in range(1, spec.epochs + 1):
-            mean_loss = _train_epoch(
-                model=model,
-                optimizer=optimizer,
-                bags=bags,
-                targets=targets,
-                class_weights=class_weights,
-                order=torch.randperm(len(bags), generator=order_generator),
-            )
+            order = torch.randperm(len(bags), generator=order_generator)
+            train_loss = _train_epoch(model=model, optimizer=optimizer, bags=bags, targets=targets,
+                                      class_weights=class_weights, order=order)
+            val_loss = _mean_loss(model, validation, val_targets, class_weights=class_weights) if validation else None
             if epoch == 1 or epoch % LOG_EVERY_EPOCHS == 0 or epoch == spec.epochs:
-                logger.info("%s epoch %d/%d: mean weighted loss %.4f", spec.model, epoch, spec.epochs, mean_loss)
-    return model.eval()
+                shown = "" if val_loss is None else f", validation {val_loss:.4f}"
+                logger.info("%s epoch %d/%d: mean weighted loss %.4f%s", spec.model, epoch, spec.epochs, train_loss, shown)
+            if val_loss is None:
+                best_epoch = epoch
+            elif val_loss < best_loss:
+                best_epoch, best_loss = epoch, val_loss
+                best_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+            elif epoch - best_epoch >= spec.patience:
+                logger.info("%s: stopped after epoch %d, keeping epoch %d (validation %.4f)", spec.model, epoch, best_epoch, best_loss)
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return MILTrainingResult(model=model.eval(), epochs_run=epoch, best_epoch=best_epoch,
+                             best_val_loss=None if best_state is None else best_loss)
 
 
 def _train_epoch(
     *,
-    model: nn.Module,
+    model: MILModel,
     optimizer: torch.optim.Optimizer,
     bags: list[Tensor],
     targets: Tensor,
@@ -87,21 +125,27 @@ def _train_epoch(
     total = 0.0
     for index in order.tolist():
         optimizer.zero_grad()
-        logits, _ = model(bags[index])
-        # reduction="sum", not "mean": with one bag per step the weighted mean divides the class
-        # weight back out (w*l / w), which would silently disable the class balancing.
-        loss = F.cross_entropy(logits[None], targets[index : index + 1], weight=class_weights, reduction="sum")
+        loss = model.loss(bags[index], targets[index : index + 1], class_weights=class_weights)
         loss.backward()
         optimizer.step()
         total += loss.item()
     return total / len(order)
 
 
-def _as_float_bags(bags: Sequence[Tensor]) -> list[Tensor]:
+def _mean_loss(model: MILModel, bags: list[Tensor], targets: Tensor, *, class_weights: Tensor) -> float:
+    """Mean weighted slide cross-entropy in eval mode (the early-stopping criterion)."""
+    model.eval()
+    with torch.inference_mode():
+        losses = [slide_cross_entropy(model(bag)[0], targets[i : i + 1], class_weights=class_weights).item()
+                  for i, bag in enumerate(bags)]
+    return float(np.mean(losses))
+
+
+def _as_float_bags(bags: Sequence[Tensor], *, in_dim: int | None = None) -> list[Tensor]:
     if len(bags) == 0:
         raise ValueError("train_mil needs at least one bag")
     float_bags = [torch.as_tensor(bag, dtype=torch.float32, device="cpu") for bag in bags]
-    in_dim = float_bags[0].shape[-1]
+    in_dim = float_bags[0].shape[-1] if in_dim is None else in_dim
     for index, bag in enumerate(float_bags):
         if bag.ndim != 2 or bag.shape[0] == 0 or bag.shape[1] != in_dim:
             raise ValueError(f"bag {index} has shape {tuple(bag.shape)}; expected (N >= 1, {in_dim})")
@@ -112,7 +156,7 @@ def _check_labels(labels: Sequence[int], *, n_bags: int, n_classes: int) -> Tens
     targets = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     if targets.shape != (n_bags,):
         raise ValueError(f"got {n_bags} bags but labels of shape {tuple(targets.shape)}")
-    if targets.min() < 0 or targets.max() >= n_classes:
+    if n_bags and (targets.min() < 0 or targets.max() >= n_classes):
         raise ValueError(f"labels must be class indices in [0, {n_classes}), got {sorted(set(targets.tolist()))}")
     return targets
 
