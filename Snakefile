@@ -34,6 +34,8 @@ localrules:
     list_skipped,
     summarize,
     plot_metrics,
+    plot_factors,
+    plot_heatmaps,
     plot_examples,
 
 
@@ -42,5 +44,12 @@ rule all:
         "results/summary.csv",
         "results/skipped_slides.csv",
         "results/plots/metrics.png",
+        "results/plots/factors.png",
         expand("results/plots/examples/{attack}/{encoder}.png", attack=ATTACKS, encoder=ENCODERS),
+        expand(
+            "results/plots/heatmaps/{encoder}/{mil}/{attack}.png",
+            encoder=ENCODERS if CONFIG["evaluation"]["n_heatmap_slides"] else [],
+            mil=MIL_MODELS,
+            attack=ATTACKS,
+        ),
     default_target: True

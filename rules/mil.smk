@@ -55,10 +55,16 @@ rule evaluate:
         ),
     output:
         per_slide="results/eval/{encoder}/{mil}/{attack}.csv",
+        tile_weights=directory("results/eval/{encoder}/{mil}/{attack}.tile_weights.zarr"),
     params:
         # the marking is part of what the table states (and re-runs tables written before it)
         spec=lambda wildcards: spec(
-            {"classes": CONFIG["classes"], "attack": wildcards.attack, **threat_marking(CONFIG["attacks"][wildcards.attack])}
+            {
+                "classes": CONFIG["classes"],
+                "attack": wildcards.attack,
+                "n_heatmap_slides": CONFIG["evaluation"]["n_heatmap_slides"],
+                **threat_marking(CONFIG["attacks"][wildcards.attack]),
+            }
         ),
     log:
         log_path("evaluate", "encoder", "mil", "attack"),

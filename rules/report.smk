@@ -38,6 +38,46 @@ rule plot_metrics:
         "../workflow_scripts/plot_metrics.py"
 
 
+rule plot_factors:
+    input:
+        summary="results/summary.csv",
+    output:
+        plot=report("results/plots/factors.png", caption="captions/factors.rst", category="Summary"),
+    params:
+        spec=lambda wildcards: spec({"attacks": CONFIG["attacks"]}),
+    log:
+        log_path("plot_factors"),
+    benchmark:
+        benchmark_path("plot_factors")
+    conda:
+        "../envs/plots.yaml"
+    script:
+        "../workflow_scripts/plot_factors.py"
+
+
+rule plot_heatmaps:
+    input:
+        tile_weights="results/eval/{encoder}/{mil}/{attack}.tile_weights.zarr",
+        tiles=lambda wildcards: per_shard("results/tiles/{shard}"),
+    output:
+        plot=report(
+            "results/plots/heatmaps/{encoder}/{mil}/{attack}.png",
+            caption="captions/heatmaps.rst",
+            category="Heatmaps",
+            labels={"encoder": "{encoder}", "MIL head": "{mil}", "attack": "{attack}"},
+        ),
+    params:
+        spec=lambda wildcards: spec({}),
+    log:
+        log_path("plot_heatmaps", "encoder", "mil", "attack"),
+    benchmark:
+        benchmark_path("plot_heatmaps", "encoder", "mil", "attack")
+    conda:
+        "../envs/plots.yaml"
+    script:
+        "../workflow_scripts/plot_heatmaps.py"
+
+
 def example_slides(wildcards):
     """The first few slides, for the example-tile figure."""
     return slide_ids()[: CONFIG["evaluation"]["n_example_tiles"]]

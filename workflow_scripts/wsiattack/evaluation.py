@@ -111,6 +111,43 @@ def evaluate_attack(
     return table[columns + [c for c in table.columns if c not in columns]]
 
 
+def true_class_drop(table: pd.DataFrame, *, classes: Sequence[str]) -> pd.Series:
+    """Per slide: clean minus attacked probability of its true class (positive = the attack worked)."""
+    clean = np.array([table.at[i, f"clean_prob_{label}"] for i, label in zip(table.index, table["label"])])
+    attacked = np.array([table.at[i, f"attacked_prob_{label}"] for i, label in zip(table.index, table["label"])])
+    return pd.Series(clean - attacked, index=table.index, name="true_class_drop")
+
+
+def write_most_affected_weights(
+    *,
+    table: pd.DataFrame,
+    model_paths: Sequence[str | Path],
+    feature_dirs: Sequence[str | Path],
+    reembedded_dirs: Sequence[str | Path],
+    classes: Sequence[str],
+    n_slides: int,
+    out_store: str | Path,
+) -> None:
+    """The head's tile weights on the clean and the attacked bag of the ``n_slides`` slides whose
+    true class lost most probability (ties: slide order), for the heatmaps; one group per slide."""
+    drop = true_class_drop(table, classes=classes)
+    chosen = table.assign(true_class_drop=drop).sort_values("true_class_drop", ascending=False, kind="stable").head(n_slides)
+    models = {meta["fold"]: model for model, meta in map(load_mil_checkpoint, map(Path, model_paths))}
+    attrs = {"slides": list(chosen["slide_id"]), "ranking": "clean minus attacked probability of the true class"}
+    with stores.atomic_store(out_store, kind=stores.TILE_WEIGHTS, attrs=attrs) as group:
+        for record in chosen.to_dict("records"):
+            slide_id = record["slide_id"]
+            clean = np.asarray(stores.open_store(stores.find_slide_store(feature_dirs, slide_id), kind=stores.FEATURES)["features"][...])
+            replaced = stores.open_store(stores.find_slide_store(reembedded_dirs, slide_id), kind=stores.REEMBEDDED)
+            index = np.asarray(replaced["index"][...])
+            attacked = attacked_bag(clean, index=index, replacement=np.asarray(replaced["features"][...]))
+            slide = group.create_group(slide_id)
+            slide.attrs.update({"label": record["label"], "fold": int(record["fold"]), "true_class_drop": float(record["true_class_drop"])})
+            for name, bag in (("clean", clean), ("attacked", attacked)):
+                stores.write_array(slide, f"{name}_weights", predict_bag(models[record["fold"]], torch.from_numpy(bag))[1].astype(np.float32))
+            stores.write_array(slide, "index", index)
+
+
 def _score(model, clean: np.ndarray, attacked: np.ndarray, *, index: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for name, bag in (("clean", clean), ("attacked", attacked)):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -83,5 +83,93 @@ def plot_examples(*, tile_stores: Sequence[str | Path], attack_stores: Sequence[
             ax.set_title(title if row == 0 else label, fontsize=8)
             if col == 0:
                 ax.set_ylabel(label)
+    fig.tight_layout()
+    _save(fig, out_png)
+
+
+def factor_table(summary: pd.DataFrame, attacks: Mapping[str, Mapping]) -> pd.DataFrame:
+    """One row per (encoder, mil, attack): its factors (method, eps in 255ths, budget fraction;
+    variant = method · objective · selection) and its accuracy drop and flip rate with their 95 %
+    intervals."""
+    rows = []
+    for (encoder, mil, attack), table in summary.groupby(["encoder", "mil", "attack"], sort=True):
+        entry, by_metric = attacks[attack], table.set_index("metric")
+        accuracy, flips = by_metric.loc["accuracy"], by_metric.loc["flip_rate"]
+        rows.append({
+            "encoder": encoder, "mil": mil, "attack": attack, "method": entry["method"],
+            "eps_255": round(entry["eps"] * 255, 2), "fraction": entry["budget"]["fraction"],
+            "variant": " · ".join(str(part) for part in (entry["method"], entry.get("objective"), entry.get("selection", "random")) if part),
+            "accuracy_drop": accuracy["drop"], "drop_low": accuracy["drop_ci_low"], "drop_high": accuracy["drop_ci_high"],
+            # the summary's flip row stores drop = -flip rate, so its interval is mirrored
+            "flip_rate": flips["attacked"], "flip_low": -flips["drop_ci_high"], "flip_high": -flips["drop_ci_low"],
+        })
+    return pd.DataFrame(rows)
+
+
+def plot_factors(summary: pd.DataFrame, attacks: Mapping[str, Mapping], out_png: str | Path) -> None:
+    """Accuracy drop and flip rate against eps (at each variant's most used budget) and against
+    the budget (at its most used eps), one row of panels per (encoder, MIL head), 95 % intervals.
+    A variant is method · objective · selection: a gray-box oracle is never on a label-free curve."""
+    table = factor_table(summary, attacks)
+    groups = list(table.groupby(["encoder", "mil"], sort=True))
+    fig, axes = plt.subplots(len(groups), 4, figsize=(17, 3.4 * len(groups)), squeeze=False)
+    for ((encoder, mil), group), row in zip(groups, axes):
+        for axis_index, (factor, fixed, label) in enumerate((("eps_255", "fraction", "eps (/255)"), ("fraction", "eps_255", "budget (fraction of tiles)"))):
+            for variant_index, (variant, rows) in enumerate(group.groupby("variant", sort=True)):
+                level = rows[fixed].mode().iloc[0]
+                curve = rows[rows[fixed] == level].groupby(factor).first().reset_index().sort_values(factor)
+                for metric_index, (value, low, high) in enumerate((("accuracy_drop", "drop_low", "drop_high"), ("flip_rate", "flip_low", "flip_high"))):
+                    ax = row[2 * axis_index + metric_index]
+                    yerr = np.vstack([curve[value] - curve[low], curve[high] - curve[value]]).clip(min=0)
+                    ax.errorbar(curve[factor], curve[value], yerr=np.nan_to_num(yerr), marker="o", capsize=3,
+                                color=f"C{variant_index}", linestyle="--" if variant.startswith("noise") else "-",
+                                label=f"{variant} ({fixed.split('_')[0]} {level:g})")
+                    ax.set_xlabel(label)
+                    ax.set_ylabel("accuracy drop" if metric_index == 0 else "flip rate")
+                    ax.set_title(f"{encoder} / {mil}", fontsize=9)
+                    if factor == "fraction" and group["fraction"].nunique() > 2:
+                        ax.set_xscale("log")
+        for ax in row:
+            ax.axhline(0, color="0.6", linewidth=0.8)
+        row[0].legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out_png)
+
+
+def _weights_grid(coords: np.ndarray, side0_px: float, values: np.ndarray) -> np.ndarray:
+    """Per-tile values on the tile grid (NaN where there is no tile), rows = y, columns = x."""
+    cells = np.rint((coords - coords.min(axis=0)) / side0_px).astype(int)
+    grid = np.full((cells[:, 1].max() + 1, cells[:, 0].max() + 1), np.nan)
+    grid[cells[:, 1], cells[:, 0]] = values
+    return grid
+
+
+def plot_heatmaps(*, tile_weights_store: str | Path, tile_dirs: Sequence[str | Path], out_png: str | Path) -> None:
+    """Per most affected slide: the head's tile weights before and after the attack (in units of
+    the uniform weight 1/N, one colour scale per slide) and their change; attacked tiles boxed."""
+    store = stores.open_store(tile_weights_store, kind=stores.TILE_WEIGHTS)
+    slides = list(store.attrs["slides"])
+    fig, axes = plt.subplots(max(1, len(slides)), 3, figsize=(13, 3.8 * max(1, len(slides))), squeeze=False)
+    if not slides:
+        axes[0, 0].set_title("no slides to draw")
+    for slide_id, row in zip(slides, axes):
+        tiles = stores.open_store(stores.find_slide_store(tile_dirs, slide_id), kind=stores.TILES)
+        coords, side0_px = np.asarray(tiles["coords"][...]), float(tiles.attrs["geometry"]["side0_px"])
+        group, n = store[slide_id], len(coords)
+        clean, attacked = (np.asarray(group[f"{name}_weights"][...]) * n for name in ("clean", "attacked"))
+        index = np.asarray(group["index"][...])
+        top = float(max(clean.max(), attacked.max()))
+        change = attacked - clean
+        limit = float(np.abs(change).max()) or 1.0
+        panels = ((clean, "viridis", 0, top, "clean"), (attacked, "viridis", 0, top, "attacked"), (change, "RdBu_r", -limit, limit, "change"))
+        for ax, (values, cmap, low, high, title) in zip(row, panels):
+            image = ax.imshow(_weights_grid(coords, side0_px, values), cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+            cells = np.rint((coords[index] - coords.min(axis=0)) / side0_px)
+            for x, y in cells:
+                ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"{slide_id} ({group.attrs['label']}): {title}" + ("" if title != "change" else f"\ntrue-class probability −{group.attrs['true_class_drop']:.3f}"), fontsize=9)
+            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="weight × N" if title != "change" else "Δ weight × N")
     fig.tight_layout()
     _save(fig, out_png)

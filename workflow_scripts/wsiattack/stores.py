@@ -57,6 +57,7 @@ TILES = "tiles"
 FEATURES = "features"
 ATTACK = "attack"
 REEMBEDDED = "reembedded"
+TILE_WEIGHTS = "tile_weights"
 
 # Tiles per chunk along N: small enough that the extraction loader can prefetch chunk by chunk,
 # large enough to keep the number of files per store modest.
