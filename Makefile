@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPU_TOKENS := $(if $(filter 0,$(GPUS)),$(CORES),$(GPUS))
 
-.PHONY: demo grid test test-fast report setup clean slurm-packages cluster-resources plan-study
+.PHONY: demo grid test test-fast report setup clean slurm-packages chromium-package cluster-resources plan-study
 
 $(STAMP): requirements.txt requirements-test.txt requirements-test-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,7 +44,7 @@ plan-study: $(STAMP)
 report: $(STAMP)
 	$(BIN)/snakemake --cores 1 --report results/report.html
 
-test: $(STAMP) slurm-packages
+test: $(STAMP) slurm-packages chromium-package
 	$(BIN)/python -m pytest
 
 # The live-SLURM test needs Debian's slurm-wlm and munge; installed here when running as root with
@@ -55,6 +55,16 @@ slurm-packages:
 		apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q slurm-wlm munge >/dev/null 2>&1) \
 		|| echo "slurm-wlm/munge not installable: the live-SLURM test will be skipped"; \
+	fi
+
+# The report test opens the built HTML report in headless Chromium (Debian's chromium), installed
+# the same way; elsewhere that test is skipped and says why.
+chromium-package:
+	@if ! command -v chromium >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q chromium >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) \
+		|| echo "chromium not installable: the report-rendering test will be skipped"; \
 	fi
 
 test-fast: $(STAMP)

@@ -36,6 +36,7 @@ localrules:
     plot_metrics,
     plot_factors,
     plot_heatmaps,
+    vulnerability,
     plot_examples,
 
 
@@ -46,6 +47,7 @@ rule all:
         "results/plots/metrics.png",
         "results/plots/factors.png",
         expand("results/plots/examples/{attack}/{encoder}.png", attack=ATTACKS, encoder=ENCODERS),
+        expand("results/plots/vulnerability/{encoder}/{attack}.png", attack=ATTACKS, encoder=ENCODERS),
         expand(
             "results/plots/heatmaps/{encoder}/{mil}/{attack}.png",
             encoder=ENCODERS if CONFIG["evaluation"]["n_heatmap_slides"] else [],

@@ -6,6 +6,7 @@ checkpoint demo_cohort:
     output:
         samples=wsiconfig.DEMO_SAMPLES,
         slides=directory("results/demo/slides"),
+        masks=directory("results/demo/masks"),  # the generator's tumour masks: ground truth per tile
     params:
         spec=lambda wildcards: spec({"demo": CONFIG["demo"], "classes": CONFIG["classes"]}),
     log:

@@ -78,6 +78,44 @@ rule plot_heatmaps:
         "../workflow_scripts/plot_heatmaps.py"
 
 
+rule vulnerability:
+    input:
+        unpack(
+            lambda wildcards: {
+                "tiles": per_shard("results/tiles/{shard}"),
+                "features": per_shard("results/features/{encoder}/{shard}", encoder=wildcards.encoder),
+                "reembedded": per_shard(
+                    "results/reembedded/{attack}/{encoder}/{shard}", attack=wildcards.attack, encoder=wildcards.encoder
+                ),
+                **({"masks": "results/demo/masks"} if USES_DEMO else {}),
+            }
+        ),
+    output:
+        table="results/vulnerability/{encoder}/{attack}.csv",
+        correlations=report(
+            "results/vulnerability/{encoder}/{attack}.correlations.csv",
+            caption="captions/vulnerability.rst",
+            category="Vulnerability vs content",
+            labels={"encoder": "{encoder}", "attack": "{attack}", "figure": "correlations"},
+        ),
+        plot=report(
+            "results/plots/vulnerability/{encoder}/{attack}.png",
+            caption="captions/vulnerability.rst",
+            category="Vulnerability vs content",
+            labels={"encoder": "{encoder}", "attack": "{attack}", "figure": "scatter"},
+        ),
+    params:
+        spec=lambda wildcards: spec({"encoder": wildcards.encoder, "attack": wildcards.attack}),
+    log:
+        log_path("vulnerability", "encoder", "attack"),
+    benchmark:
+        benchmark_path("vulnerability", "encoder", "attack")
+    conda:
+        "../envs/plots.yaml"
+    script:
+        "../workflow_scripts/vulnerability.py"
+
+
 def example_slides(wildcards):
     """The first few slides, for the example-tile figure."""
     return slide_ids()[: CONFIG["evaluation"]["n_example_tiles"]]

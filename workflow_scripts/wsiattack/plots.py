@@ -173,3 +173,17 @@ def plot_heatmaps(*, tile_weights_store: str | Path, tile_dirs: Sequence[str | P
             fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="weight × N" if title != "change" else "Δ weight × N")
     fig.tight_layout()
     _save(fig, out_png)
+
+
+def plot_vulnerability(table: pd.DataFrame, correlations: pd.DataFrame, out_png: str | Path, *, title: str) -> None:
+    """Feature shift of each attacked tile against each content statistic, Spearman rho in the titles."""
+    contents = list(correlations["content"])
+    fig, axes = plt.subplots(1, max(1, len(contents)), figsize=(2.9 * max(1, len(contents)), 3.1), squeeze=False, sharey=True)
+    for ax, record in zip(axes[0], correlations.to_dict("records")):
+        ax.scatter(table[record["content"]], table["cosine_distance"], s=10, alpha=0.7)
+        ax.set_xlabel(record["content"].replace("_", " "))
+        ax.set_title(f"ρ = {record['spearman_rho']:.2f} (p = {record['p_value']:.2g})", fontsize=9)
+    axes[0, 0].set_ylabel("1 − cos(clean, attacked)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, out_png)

@@ -28,6 +28,7 @@ import os
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -73,6 +74,10 @@ _LUT_H = (-0.05, 2.9, 512)
 # apart (SeedSequence([s]) == SeedSequence([s, 0]), so a bare trailing index would be unsafe).
 _SLIDE_STREAM = 1
 _LABEL_STREAM = 2
+_SHARE_STREAM = 4  # a positive slide's tumour share
+# Tag of the slides the trained demo encoder learns from (wsiattack.encoders.demo_training):
+# never the cohort's, so the encoder has not seen the slides it is evaluated on.
+ENCODER_TRAINING_STREAM = 3
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +381,15 @@ def _quantise(values: np.ndarray, grid: tuple[float, float, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RenderedSlide:
+    """A rendered level-0 image with the ground truth it was drawn from (per-tile labels)."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    tissue: np.ndarray  # (H, W) bool: inside the tissue section
+    tumor: np.ndarray  # (H, W) bool: inside a tumour region (all False for tumor=False)
+
+
 def render_slide(
     *,
     rng: np.random.Generator,
@@ -390,6 +404,37 @@ def render_slide(
     uses its own random stream, so for the same ``rng`` state the ``tumor=False`` rendering is
     identical outside the tumour regions.
     """
+    image, _, _ = _render(rng=rng, width_px=width_px, height_px=height_px, tumor=tumor, tumor_share=tumor_share)
+    return image
+
+
+def render_slide_with_masks(
+    *,
+    rng: np.random.Generator,
+    width_px: int,
+    height_px: int,
+    tumor: bool,
+    tumor_share: float = 0.08,
+) -> RenderedSlide:
+    """``render_slide``'s image (the same bytes for the same arguments) and its level-0 masks.
+
+    The masks are the low-resolution tissue and tumour fields the image was composed from,
+    nearest-upsampled (level-0 pixel (y, x) lies in cell (y // 4, x // 4)); edges blur over a few
+    pixels in the image, so a tile's mask fraction is exact to within that margin.
+    """
+    image, tissue_low, tumor_low = _render(rng=rng, width_px=width_px, height_px=height_px, tumor=tumor, tumor_share=tumor_share)
+    return RenderedSlide(image=image, tissue=_upsample_mask(tissue_low, image.shape[:2]), tumor=_upsample_mask(tumor_low, image.shape[:2]))
+
+
+def _upsample_mask(mask: np.ndarray, shape_px: tuple[int, int]) -> np.ndarray:
+    f = _LOWRES_FACTOR
+    return np.repeat(np.repeat(mask, f, axis=0), f, axis=1)[: shape_px[0], : shape_px[1]]
+
+
+def _render(
+    *, rng: np.random.Generator, width_px: int, height_px: int, tumor: bool, tumor_share: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The level-0 image and the low-res tissue and tumour masks it was composed from."""
     if width_px < 64 or height_px < 64:
         raise ValueError(f"slide must be at least 64x64 px, got {width_px}x{height_px}")
     if not 0.0 < tumor_share < 0.5:
@@ -485,7 +530,7 @@ def render_slide(
         index *= n_h
         index += _quantise(c_h, _LUT_H)
         np.take(lut, index, axis=0, out=image[row0 : row0 + n_rows], mode="clip")
-    return image
+    return image, tissue, tumor_low
 
 
 def _downsample(image: np.ndarray, factor: int) -> np.ndarray:
@@ -592,15 +637,21 @@ def write_demo_cohort(
     width_px: int = 5600,
     height_px: int = 4480,
     tumor_share: float = 0.08,
+    min_tumor_share: float | None = None,
+    masks_dir: Path | None = None,
     workers: int = 1,
 ) -> pd.DataFrame:
     """Write ``n_slides`` synthetic slides ``demo_{i:03d}.tiff`` and their sample sheet.
 
     Labels are ``classes[0]`` (no tumour) or ``classes[1]`` (tumour regions), balanced and in a
-    seeded order. Slide ``i`` is rendered from ``default_rng((seed, 1, i))``, so each file depends
-    only on (seed, i, size, mpp, tumor_share, its label). Returns the sample sheet
-    (columns ``slide_id, path, label``; ``path`` relative to the directory of ``samples_csv``),
-    which is also written atomically to ``samples_csv``.
+    seeded order. A positive slide's tumour covers a share of its tissue drawn log-uniformly from
+    [``min_tumor_share``, ``tumor_share``] (default: exactly ``tumor_share``), so that some carry
+    only small foci. Slide ``i`` is rendered from ``default_rng((seed, 1, i))``, so each file
+    depends only on (seed, i, size, mpp, the tumour shares, its label). With ``masks_dir``, each
+    slide's tumour mask is written there too (``{slide_id}.npz``: ``tumor`` bool at
+    ``downsample`` 4, the generator's own ground truth). Returns the sample sheet (columns
+    ``slide_id, path, label``; ``path`` relative to the directory of ``samples_csv``), which is
+    also written atomically to ``samples_csv``.
     """
     classes = list(classes)
     if len(classes) != 2:
@@ -614,8 +665,13 @@ def write_demo_cohort(
         raise ValueError(f"n_slides must be at least 2 (one per class), got {n_slides}")
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    min_tumor_share = tumor_share if min_tumor_share is None else min_tumor_share
+    if not 0.0 < min_tumor_share <= tumor_share:
+        raise ValueError(f"need 0 < min_tumor_share <= tumor_share, got {min_tumor_share} and {tumor_share}")
     slides_dir, samples_csv = Path(slides_dir), Path(samples_csv)
     slides_dir.mkdir(parents=True, exist_ok=True)
+    if masks_dir is not None:
+        Path(masks_dir).mkdir(parents=True, exist_ok=True)
 
     labels = _balanced_labels(n_slides, seed)
 
@@ -623,11 +679,19 @@ def write_demo_cohort(
         slide_id, positive = f"demo_{i:03d}", int(labels[i])
         path = slides_dir / f"{slide_id}.tiff"
         rng = np.random.default_rng((seed, _SLIDE_STREAM, i))
-        image = render_slide(rng=rng, width_px=width_px, height_px=height_px, tumor=bool(positive),
-                             tumor_share=tumor_share)
-        write_pyramidal_tiff(path, image, mpp=mpp)
-        logger.info("wrote %s (%s, %dx%d px, %.3f mpp)", path, classes[positive], width_px,
-                    height_px, mpp)
+        # Its own stream, drawn only when the share varies: the slide's other draws never move.
+        share = tumor_share
+        if min_tumor_share < tumor_share:
+            share_rng = np.random.default_rng((seed, _SHARE_STREAM, i))
+            share = float(np.exp(share_rng.uniform(np.log(min_tumor_share), np.log(tumor_share))))
+        rendered = render_slide_with_masks(rng=rng, width_px=width_px, height_px=height_px, tumor=bool(positive), tumor_share=share)
+        write_pyramidal_tiff(path, rendered.image, mpp=mpp)
+        if masks_dir is not None:
+            f = _LOWRES_FACTOR
+            _atomic_write(Path(masks_dir) / f"{slide_id}.npz",
+                          lambda fh: np.savez_compressed(fh, tumor=rendered.tumor[::f, ::f], downsample=np.int64(f)))
+        logger.info("wrote %s (%s, tumour share %.4f, %dx%d px, %.3f mpp)", path, classes[positive],
+                    share if positive else 0.0, width_px, height_px, mpp)
         # Relative to the sheet, as the workflow resolves it: the cohort can be moved as a whole.
         return {"slide_id": slide_id, "path": os.path.relpath(path, samples_csv.parent), "label": classes[positive]}
 

@@ -5,8 +5,9 @@ the function that extraction uses, and attacks live in [0, 1] pixel space where 
 the uint8 rounding of the stored result are well defined. Parameters are float32 (gradients are
 taken in float32); extraction autocasts to the spec's safe dtype on CUDA only.
 
-Weights, in order of precedence: a local checkpoint, the seeded demo weights or a custom
-factory's own, the Hugging Face Hub (see ``wsiattack.encoders.weights``).
+Weights, in order of precedence: a local checkpoint, the seeded demo weights, a file bundled
+with the package (the trained demo encoder) or a custom factory's own, the Hugging Face Hub
+(see ``wsiattack.encoders.weights``).
 """
 
 from __future__ import annotations
@@ -207,6 +208,9 @@ def _backbone_with_weights(spec: EncoderSpec, checkpoint: str | None) -> tuple[n
         source = f"local:{path}"
     elif spec.weights == "seeded":
         return _seeded_architecture(spec), "seeded"
+    elif spec.weights == "bundled":
+        path = registry.bundled_weights(spec)
+        source = f"bundled:{path.name}"
     elif spec.weights == "factory":
         return build_architecture(spec), f"factory:{spec.architecture}"
     else:

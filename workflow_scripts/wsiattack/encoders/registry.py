@@ -62,13 +62,14 @@ class EncoderSpec:
     readout: Readout  # cls | cls+mean (CLS ++ mean of patch tokens) | pooled (model's head) | output
     embed_dim: int
     precision: Precision  # safe autocast dtype on GPU; gradients always stay float32
-    weights: Literal["seeded", "hub", "factory"]
+    weights: Literal["seeded", "bundled", "hub", "factory"]
     loader: Literal["timm", "transformers", "trident", "factory"] = "timm"
     build_kwargs: Mapping[str, Any] = field(default_factory=dict)
     hub_repo: str | None = None
     hub_files: tuple[str, ...] = ("model.safetensors", "pytorch_model.bin")  # tried in order
     gated: bool = False  # the hub repo needs accepted terms and a token
     seed: int = 0  # for weights == "seeded"
+    bundled_file: str | None = None  # for weights == "bundled": a file in BUNDLED_DIR, installed with the package
     resize_px: int | None = None  # resize to this, then centre-crop input_px (the model's own transform)
     interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     drop_modules: tuple[str, ...] = ()  # submodules replaced by Identity (ResNet50 truncated after layer 3)
@@ -76,6 +77,8 @@ class EncoderSpec:
     channels_last: bool = False  # CNN: channels-last memory format pays off on CUDA
     source: str = ""  # model card / maintainers' code the facts come from
 
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "checkpoints"
 
 _SWIGLU = {"mlp_layer": "swiglu_packed", "act_layer": "silu"}  # resolved to timm classes in model.py
 _TRIDENT_LOAD = "github.com/mahmoodlab/TRIDENT trident/patch_encoder_models/load.py"
@@ -96,6 +99,24 @@ ENCODERS: dict[str, EncoderSpec] = {
         weights="seeded",
         seed=0,
         build_kwargs={"num_classes": 0, "dynamic_img_size": False},
+    ),
+    # Trained demo encoder: a 4-block ViT/16 (128-d) trained, supervised, on synthetic tiles of a
+    # slide stream disjoint from the demo cohort's (background / normal / tumour, plus the tile's
+    # tumour fraction); a stand-in for a model whose features separate tissue classes, about 4x
+    # cheaper per tile than ViT-Ti/16. Rebuilt by wsiattack.encoders.demo_training.
+    "demo_trained": EncoderSpec(
+        name="demo_trained",
+        architecture="vit_tiny_patch16_224",
+        input_px=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        readout="cls",
+        embed_dim=128,
+        precision="float32",
+        weights="bundled",
+        bundled_file="demo_trained.safetensors",
+        build_kwargs={"patch_size": 16, "embed_dim": 128, "depth": 4, "num_heads": 4, "num_classes": 0, "dynamic_img_size": False},
+        source="python -m wsiattack.encoders.demo_training (synthetic tiles, wsiattack.synthetic)",
     ),
     # UNI: ViT-L/16, LayerScale init 1e-5 (needed for the ls*.gamma keys), 1024-d CLS.
     # https://huggingface.co/MahmoodLab/UNI (timm.create_model("hf-hub:MahmoodLab/uni",
@@ -435,12 +456,15 @@ def preflight(name: str, *, checkpoint: str | None, custom: EncoderSpec | Mappin
     """Raise EncoderError now if the encoder's weights cannot possibly be available.
 
     Checks, without torch and without the network: the loader package is installed, a local
-    checkpoint exists, and a gated hub model has HF_TOKEN (or is already in the local hub cache).
+    checkpoint or bundled weights file exists, and a gated hub model has HF_TOKEN (or is already
+    in the local hub cache).
     """
     spec = resolve_spec(name, custom=custom)
     problem = missing_requirement(spec)
     if problem:
         raise EncoderError(problem)
+    if checkpoint is None and spec.weights == "bundled":
+        bundled_weights(spec)
     if checkpoint is not None:
         if not Path(checkpoint).exists():
             raise EncoderError(
@@ -450,6 +474,17 @@ def preflight(name: str, *, checkpoint: str | None, custom: EncoderSpec | Mappin
         return
     if spec.weights == "hub" and spec.gated and hub_token() is None and not hub_cached(spec):
         raise EncoderError(access_message(spec))
+
+
+def bundled_weights(spec: EncoderSpec) -> Path:
+    """The packaged weights file of a ``bundled`` encoder; one clear error if it is missing."""
+    path = BUNDLED_DIR / str(spec.bundled_file)
+    if not path.is_file():
+        raise EncoderError(
+            f"encoder {spec.name!r}: its bundled weights {path} are missing; reinstall wsiattack (the file is "
+            f"package data) or rebuild it with: python -m wsiattack.encoders.demo_training --out {path}"
+        )
+    return path
 
 
 def hub_cached(spec: EncoderSpec) -> bool:
