@@ -43,7 +43,7 @@ def test_gpu_rules_are_read_from_the_rules():
 
 
 def test_local_rules_are_read_from_the_snakefile():
-    assert cluster.local_rules(ROOT / "Snakefile") == {"all", "demo_cohort", "split", "list_skipped", "summarize", "plot_metrics", "plot_examples"}
+    assert cluster.local_rules(ROOT / "Snakefile") == {"all", "demo_cohort", "split", "list_skipped", "summarize", "plot_metrics", "plot_examples", "plot_factors", "plot_heatmaps", "vulnerability"}
 
 
 def test_profile_block_is_replaced_and_the_rest_kept(tmp_path):

@@ -26,13 +26,22 @@ def test_shipped_config_validates_and_fills_defaults(shipped):
     assert shipped["attacks"]["pgd_eps4"]["eps"] == "4/255"  # the input is not modified
 
 
+# Test configs given after config.yaml on the command line (the factor grid, the heads study).
+OVERLAYS = {"factor_grid.yaml", "heads_study.yaml"}
+
+
 def test_test_configs_validate():
     paths = sorted((ROOT / "tests" / "configs").glob("*.yaml"))
-    assert {p.name for p in paths} >= {"tiny.yaml", "factor_grid.yaml"}
+    assert {p.name for p in paths} >= {"tiny.yaml", *OVERLAYS}
     for path in paths:
         config = yaml.safe_load(path.read_text())
-        if path.name != "factor_grid.yaml":  # an overlay on config.yaml: checked below
-            wsiconfig.validate_config(config)
+        if path.name in OVERLAYS:  # merged key by key onto config.yaml, as Snakemake does
+            from snakemake.utils import update_config
+
+            merged = yaml.safe_load((ROOT / "config.yaml").read_text())
+            update_config(merged, config)
+            config = merged
+        wsiconfig.validate_config(config)
 
 
 def test_factor_grid_overlays_the_default_with_48_attacks():
@@ -42,7 +51,7 @@ def test_factor_grid_overlays_the_default_with_48_attacks():
     config = yaml.safe_load((ROOT / "config.yaml").read_text())
     update_config(config, yaml.safe_load((ROOT / "tests" / "configs" / "factor_grid.yaml").read_text()))
     attacks = wsiconfig.validate_config(config)["attacks"]
-    assert len(attacks) == 3 + 6 * 4 * 2 and {"pgd_eps4", "noise_eps4", "null_control", "cw_eps8_f0.01_random"} <= set(attacks)
+    assert len(attacks) == 5 + 6 * 4 * 2 and {"pgd_eps4", "noise_eps4", "null_control", "cw_eps8_f0.01_random"} <= set(attacks)
     assert attacks["pgd_eps1_f0.001_random"]["steps"] == 5 and attacks["cw_eps1_f0.001_random"]["binary_search_steps"] == 2
 
 
@@ -179,7 +188,9 @@ def test_bad_gray_box_entries_name_the_key(shipped, entry, message):
 
 def test_the_oracle_objective_is_used_only_when_asked_for(shipped):
     checked = wsiconfig.validate_config(shipped)
-    assert {entry["objective"] for entry in checked["attacks"].values()} == {"cosine"}  # the default stays label-free
+    # The default attacks stay label-free; only the positive control uses the gray-box oracle.
+    objectives = {name: entry["objective"] for name, entry in checked["attacks"].items()}
+    assert {name for name, objective in objectives.items() if objective != "cosine"} == {"positive_control"}
     oracle = wsiconfig.validate_config(with_attack(shipped, objective="mil_cross_entropy"))["attacks"]["gray"]
     assert oracle["objective"] == "mil_cross_entropy" and oracle["mil"] == "abmil"
 

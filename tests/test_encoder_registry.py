@@ -38,10 +38,13 @@ def no_hub_access(monkeypatch, tmp_path):
 
 
 def test_registry_holds_the_target_encoders_with_sources():
-    assert set(registry.ENCODERS) == {"demo", "uni", "uni2_h", "virchow2", "prov_gigapath", "h_optimus_0", "h_optimus_1", "phikon_v2", "conch_v1_5", "resnet50_trunc"}
+    assert set(registry.ENCODERS) == {"demo", "demo_trained", "uni", "uni2_h", "virchow2", "prov_gigapath", "h_optimus_0", "h_optimus_1", "phikon_v2", "conch_v1_5", "resnet50_trunc"}
     for name, spec in registry.ENCODERS.items():
         assert spec.name == name and spec.readout in registry.READOUTS and spec.precision in registry.PRECISIONS
-        assert name == "demo" or (spec.source and spec.hub_repo and spec.weights == "hub")
+        if name == "demo_trained":  # trained by a script here, shipped in the package
+            assert spec.weights == "bundled" and "demo_training" in spec.source
+        elif name != "demo":
+            assert spec.source and spec.hub_repo and spec.weights == "hub"
 
 
 @pytest.mark.parametrize("name", sorted(TIMM_FACTS))

@@ -85,7 +85,7 @@ def test_outputs_are_complete_and_consistent(slurm_run):
     assert len(slide_ids) == N_SLIDES
     for slide in slide_ids:
         for attack in ATTACKS:
-            stores.open_store(results / "reembedded" / attack / "demo" / shard_of(slide, n_shards=4) / f"{slide}.zarr", kind=stores.REEMBEDDED)
+            stores.open_store(results / "reembedded" / attack / "demo_trained" / shard_of(slide, n_shards=4) / f"{slide}.zarr", kind=stores.REEMBEDDED)
     assert not list(results.rglob(".*.tmp-*"))  # no half-written output left anywhere
     # The local executor agrees that nothing is missing or stale.
     dry = subprocess.run(

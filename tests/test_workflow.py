@@ -3,6 +3,8 @@
 Slow tier (a few minutes): `make test-fast` skips it.
 """
 
+import base64
+import io
 import re
 import shutil
 import subprocess
@@ -46,7 +48,7 @@ def tiny(tmp_path_factory) -> Path:
 def test_summary_has_every_metric_for_every_attack(tiny):
     summary = pd.read_csv(tiny / "results" / "summary.csv")
     assert list(summary.columns[:7]) == ["encoder", "mil", "attack", "metric", "clean", "attacked", "drop"]
-    assert set(summary["attack"]) == {"pgd", "noise"}
+    assert set(summary["attack"]) == {"pgd", "noise", "positive_control", "positive_control_noise"}
     for _, rows in summary.groupby("attack"):
         assert list(rows["metric"]) == ["accuracy", "balanced_accuracy", "f1_macro", "auroc", "flip_rate", "tile_cosine_distance"]
     values = summary[["clean", "attacked"]].to_numpy()
@@ -54,19 +56,35 @@ def test_summary_has_every_metric_for_every_attack(tiny):
     shift = summary[summary["metric"] == "tile_cosine_distance"].set_index("attack")["attacked"]
     assert shift["pgd"] > 10 * shift["noise"]  # the attack beats its control where it acts: the embedding
     np.testing.assert_allclose(summary["drop"], summary["clean"] - summary["attacked"])
-    for name in ("metrics.png", "examples/pgd/demo.png", "examples/noise/demo.png"):
+    for name in ("metrics.png", "examples/pgd/demo_trained.png", "examples/noise/demo_trained.png"):
         assert (tiny / "results" / "plots" / name).stat().st_size > 10_000
 
 
+def test_positive_control_flips_slides_and_its_noise_control_does_not(tiny):
+    """The gray-box oracle (20 % of the tiles, 16/255) must move slides: else a zero means nothing."""
+    summary = pd.read_csv(tiny / "results" / "summary.csv").set_index(["attack", "metric"])
+    flips = summary["attacked"].xs("flip_rate", level="metric")
+    assert flips["positive_control"] > 0
+    assert flips["positive_control_noise"] == 0
+    per_slide = pd.read_csv(tiny / "results" / "eval" / "demo_trained" / "abmil" / "positive_control.csv")
+    true_class = [per_slide.at[i, f"clean_prob_{c}"] - per_slide.at[i, f"attacked_prob_{c}"] for i, c in enumerate(per_slide["label"])]
+    assert np.mean(true_class) > 0  # on average the true class lost probability
+    for name in ("factors.png", "metrics.png"):
+        assert (tiny / "results" / "plots" / name).stat().st_size > 10_000
+    assert len(list((tiny / "results" / "plots" / "heatmaps").rglob("*.png"))) == len(summary.index.get_level_values("attack").unique())
+    correlations = pd.read_csv(tiny / "results" / "vulnerability" / "demo_trained" / "positive_control.correlations.csv")
+    assert "tumor_fraction" in set(correlations["content"]) and (correlations["n_tiles"] > 0).all()
+
+
 def test_stores_agree_with_each_other(tiny):
-    evaluation = pd.read_csv(tiny / "results" / "eval" / "demo" / "abmil" / "pgd.csv", dtype={"slide_id": str})
+    evaluation = pd.read_csv(tiny / "results" / "eval" / "demo_trained" / "abmil" / "pgd.csv", dtype={"slide_id": str})
     assert len(evaluation) == 6 and set(evaluation["fold"]) == {0, 1}
     results = tiny / "results"
     n_shards = current_config(tiny).get("shards", 4)
 
     def shard_store(stage: str, slide: str, kind: str):
         shard = shard_of(slide, n_shards=n_shards)  # the per-slide store sits in its shard's directory
-        return stores.open_store(results / stage / "demo" / shard / f"{slide}.zarr", kind=kind)
+        return stores.open_store(results / stage / "demo_trained" / shard / f"{slide}.zarr", kind=kind)
 
     for slide in evaluation["slide_id"]:
         shard = shard_of(slide, n_shards=n_shards)
@@ -78,11 +96,11 @@ def test_stores_agree_with_each_other(tiny):
         replaced = shard_store("reembedded/pgd", slide, stores.REEMBEDDED)
         reader = TileReader(results / "tiles" / shard / f"{slide}.zarr", slide_path=results / "demo" / "slides" / f"{slide}.tiff")
         n = reader.shape[0]
-        assert features["features"].shape == (n, 192) and features.attrs["encoder"] == "demo"
+        assert features["features"].shape == (n, 128) and features.attrs["encoder"] == "demo_trained"
         k = max(1, round(0.05 * n))
         np.testing.assert_array_equal(attack["index"][...], replaced["index"][...])
         np.testing.assert_array_equal(attack["index"][...], noise["index"][...])  # same tiles as the control
-        assert replaced["features"].shape == (k, 192)
+        assert replaced["features"].shape == (k, 128)
         assert np.abs(attack["adv_tiles"][...].astype(int) - reader.read(attack["index"][...]).astype(int)).max() <= 4
         assert (tiny / "results" / "qc" / shard / f"{slide}.png").exists()
     assert (evaluation["k"] >= 1).all()
@@ -96,6 +114,32 @@ def test_rerun_has_nothing_to_do(tiny):
 def test_report_builds(tiny):
     ok(snakemake(tiny, "--report", "report.html"))
     assert (tiny / "report.html").stat().st_size > 50_000
+
+
+def _embedded_pngs(html: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in re.findall(r"data:image/png[^,\"]*;base64,([A-Za-z0-9+/=]+)", html)]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (make test installs it as root)")
+def test_report_renders_in_headless_chromium(tiny, tmp_path):
+    from PIL import Image
+
+    report = tiny / "report_chromium.html"
+    ok(snakemake(tiny, "--report", str(report)))
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000"]
+    dom = subprocess.run([*browser, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+    for category in ("Summary", "Heatmaps", "Vulnerability vs content", "Adversarial tiles"):
+        assert category in dom, f"the rendered report has no {category!r} section"
+    figures = _embedded_pngs(report.read_text())
+    assert len(figures) >= 4
+    for data in figures:  # every registered figure decodes as an image
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            assert min(image.size) > 50
+    shot = tmp_path / "report.png"
+    subprocess.run([*browser, "--window-size=1400,1000", f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120, check=True)
+    with Image.open(shot) as image:  # the page painted something, not a blank window
+        assert len(set(image.convert("L").getdata())) > 10
 
 
 def changed_benchmarks(workdir: Path, since: float) -> set[str]:
@@ -112,11 +156,11 @@ def test_editing_one_attack_reruns_only_that_attack(tiny):
     ok(snakemake(tiny))
     ran = changed_benchmarks(tiny, since)
     rules = {name.split("/")[0] for name in ran}
-    assert rules == {"attack", "evaluate", "summarize", "plot_metrics", "plot_examples"}, ran
-    assert all("pgd" in name for name in ran if not name.startswith(("summarize", "plot_metrics"))), ran
+    assert rules == {"attack", "evaluate", "summarize", "plot_metrics", "plot_examples", "plot_factors", "plot_heatmaps", "vulnerability"}, ran
+    assert all("pgd" in name for name in ran if not name.startswith(("summarize", "plot_metrics", "plot_factors"))), ran
     assert len([n for n in ran if n.startswith("attack/")]) == len(tiny_shards(tiny))  # one job per shard
     shard = shard_of("demo_000", n_shards=config.get("shards", 4))
-    adv = stores.open_store(tiny / "results" / "attacks" / "pgd" / "demo" / shard / "demo_000.zarr", kind=stores.ATTACK)
+    adv = stores.open_store(tiny / "results" / "attacks" / "pgd" / "demo_trained" / shard / "demo_000.zarr", kind=stores.ATTACK)
     assert adv.attrs["attack"]["eps"] == pytest.approx(2 / 255) and float(np.max(adv["linf"][...])) <= 2 / 255 + 1e-7
 
 
@@ -197,7 +241,7 @@ def test_editing_mil_settings_reruns_no_slide_level_job(tiny):
     config = current_config(tiny)
     config["mil"]["epochs"] = 7
     jobs = planned_jobs(tiny, config)
-    assert jobs == {"train_mil": 2, "evaluate": 2, "summarize": 1, "plot_metrics": 1, "all": 1}, jobs
+    assert jobs == {"train_mil": 2, "evaluate": 2, "plot_heatmaps": 2, "summarize": 1, "plot_metrics": 1, "plot_factors": 1, "all": 1}, jobs
 
 
 def test_editing_tiling_reruns_every_slide(tiny):
@@ -229,7 +273,7 @@ def test_adding_a_slide_runs_only_its_jobs_and_the_cohort_level_ones(tiny):
 def test_pilot_costs_come_from_every_gradient_job_of_the_run(tiny):
     from wsiattack import planning
 
-    costs = planning.pilot_costs(tiny / "results", encoder="demo")
+    costs = planning.pilot_costs(tiny / "results", encoder="demo_trained")
     n_shards = len(tiny_shards(tiny))
     assert costs["extract_jobs"] == n_shards and costs["attack_jobs"] == n_shards  # noise has no gradient: left out
     assert 3 <= costs["gradient_evaluations_per_tile"] <= 4  # tiny's PGD: 3 steps (+ the random start's)

@@ -21,13 +21,8 @@ log = logging.getLogger(__name__)
 MARKING_COLUMNS = ("label_free", "threat_model")  # per-slide CSV and summary: who may run the attack
 
 
-def slide_id_of(store_path: str | Path) -> str:
-    """``results/features/demo/demo_003.zarr`` -> ``demo_003`` (stores are named by slide)."""
-    return Path(store_path).name.removesuffix(".zarr")
-
-
 def read_features(paths: Sequence[str | Path]) -> dict[str, np.ndarray]:
-    return {slide_id_of(p): np.asarray(stores.open_store(p, kind=stores.FEATURES)["features"][...]) for p in paths}
+    return {stores.slide_id_of(p): np.asarray(stores.open_store(p, kind=stores.FEATURES)["features"][...]) for p in paths}
 
 
 def attacked_bag(clean: np.ndarray, *, index: np.ndarray, replacement: np.ndarray) -> np.ndarray:
@@ -91,7 +86,7 @@ def evaluate_attack(
     """
     splits = pd.read_csv(splits_csv, dtype={"slide_id": str})
     features = read_features(feature_stores)
-    replaced = {slide_id_of(p): stores.open_store(p, kind=stores.REEMBEDDED) for p in reembedded_stores}
+    replaced = {stores.slide_id_of(p): stores.open_store(p, kind=stores.REEMBEDDED) for p in reembedded_stores}
     models = {}
     for path in model_paths:
         model, meta = load_mil_checkpoint(Path(path))

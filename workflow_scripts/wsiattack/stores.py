@@ -138,6 +138,11 @@ def slide_store(shard_dir: Path | str, slide_id: str) -> Path:
     return Path(shard_dir) / f"{slide_id}.zarr"
 
 
+def slide_id_of(store_path: str | Path) -> str:
+    """``results/features/demo/demo_003.zarr`` -> ``demo_003`` (stores are named by slide)."""
+    return Path(store_path).name.removesuffix(".zarr")
+
+
 def slide_stores(shard_dirs: Iterable[Path | str]) -> list[Path]:
     """Every slide's store in the given per-shard output directories (by directory, then name)."""
     return [store for shard_dir in shard_dirs for store in sorted(Path(shard_dir).glob("[!.]*.zarr"))]

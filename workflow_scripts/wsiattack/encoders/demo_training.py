@@ -22,7 +22,7 @@ what ``build_encoder`` loads.
 
 Same seed and thread count on one machine: identical bytes. Across CPUs torch's kernels differ
 in the last bits, which training amplifies: features of a retrained encoder then agree with the
-committed one to a cosine similarity near 1, not bit for bit (see tests/test_demo_encoder.py).
+committed one closely, not bit for bit (the tolerance is in tests/test_demo_encoder.py).
 """
 
 from __future__ import annotations
@@ -284,6 +284,8 @@ def save_checkpoint(result: TrainingResult, *, config: TrainingConfig, path: Pat
         "n_train_tiles": str(result.n_train_tiles), "held_out_accuracy": f"{result.held_out_accuracy:.4f}",
         "held_out_tumor_accuracy": f"{result.held_out_tumor_accuracy:.4f}", "final_loss": f"{result.final_loss:.4f}",
         "classes": ",".join(CLASSES), "torch": torch.__version__, "timm": timm.__version__, "command": command,
+        # Kernels (hence the last bits, which training amplifies) follow the CPU's vector capability.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     state = {k: v.detach().float().contiguous() for k, v in result.backbone.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
