@@ -30,26 +30,26 @@ def test_shipped_config_validates_and_fills_defaults(shipped):
 OVERLAYS = {"factor_grid.yaml", "heads_study.yaml"}
 
 
+def overlaid_on_default(overlay: dict) -> dict:
+    """config.yaml with ``overlay`` merged onto it key by key, as Snakemake merges --configfile."""
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    update_config(config, overlay)
+    return config
+
+
 def test_test_configs_validate():
     paths = sorted((ROOT / "tests" / "configs").glob("*.yaml"))
     assert {p.name for p in paths} >= {"tiny.yaml", *OVERLAYS}
     for path in paths:
         config = yaml.safe_load(path.read_text())
-        if path.name in OVERLAYS:  # merged key by key onto config.yaml, as Snakemake does
-            from snakemake.utils import update_config
-
-            merged = yaml.safe_load((ROOT / "config.yaml").read_text())
-            update_config(merged, config)
-            config = merged
-        wsiconfig.validate_config(config)
+        wsiconfig.validate_config(overlaid_on_default(config) if path.name in OVERLAYS else config)
 
 
 def test_factor_grid_overlays_the_default_with_48_attacks():
     """Given after config.yaml (make grid), Snakemake merges it key by key onto the default."""
-    from snakemake.utils import update_config
-
-    config = yaml.safe_load((ROOT / "config.yaml").read_text())
-    update_config(config, yaml.safe_load((ROOT / "tests" / "configs" / "factor_grid.yaml").read_text()))
+    config = overlaid_on_default(yaml.safe_load((ROOT / "tests" / "configs" / "factor_grid.yaml").read_text()))
     attacks = wsiconfig.validate_config(config)["attacks"]
     assert len(attacks) == 5 + 6 * 4 * 2 and {"pgd_eps4", "noise_eps4", "null_control", "cw_eps8_f0.01_random"} <= set(attacks)
     assert attacks["pgd_eps1_f0.001_random"]["steps"] == 5 and attacks["cw_eps1_f0.001_random"]["binary_search_steps"] == 2

@@ -98,7 +98,7 @@ def test_killed_during_attack_resumes_without_redoing_or_corrupting(tmp_path):
     for store_path in done_after:
         if store_path.suffix == ".zarr":  # every chunk of every store decodes
             group = zarr.open_group(store_path, mode="r")
-            assert group.attrs["kind"] in (stores.TILES, stores.FEATURES, stores.ATTACK, stores.REEMBEDDED)
+            assert group.attrs["kind"] in (stores.TILES, stores.FEATURES, stores.ATTACK, stores.REEMBEDDED, stores.TILE_WEIGHTS)
             for _, array in group.arrays():
                 array[...]
     dry = subprocess.run(snakemake_command(workdir, "--dry-run"), capture_output=True, text=True, timeout=120)
