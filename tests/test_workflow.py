@@ -26,9 +26,10 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def snakemake(workdir: Path, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, config: Path | None = None, overlays: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
     # gpu=2: on a CPU-only machine the GPU token must not serialise the torch jobs.
-    command = [sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(config or workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=2"]
+    configs = [str(config or workdir / "config.yaml"), *map(str, overlays)]
+    command = [sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", *configs, "--cores", "2", "--resources", "gpu=2"]
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
@@ -97,6 +98,24 @@ def test_stores_agree_with_each_other(tiny):
         assert np.abs(attack["adv_tiles"][...].astype(int) - reader.read(attack["index"][...]).astype(int)).max() <= 4
         assert (tiny / "results" / "qc" / shard / f"{slide}.png").exists()
     assert (evaluation["k"] >= 1).all()
+
+
+def test_positive_control_flips_slides_its_noise_control_does_not(tiny):
+    """The gray-box oracle must move slides if the chain can see an effect; noise of its bound must not."""
+    overlay = ROOT / "tests" / "configs" / "positive_control_tiny.yaml"
+    evaluated = {name: tiny / "results" / "eval" / "demo_trained" / "abmil" / f"{name}.csv" for name in ("positive_control", "positive_control_noise")}
+    ok(snakemake(tiny, *map(str, evaluated.values()), overlays=(overlay,)))
+    oracle, noise = (pd.read_csv(path) for path in evaluated.values())
+    assert (oracle["threat_model"] == "gray-box").all() and not oracle["label_free"].any()
+    assert (oracle["clean_pred"] != oracle["attacked_pred"]).sum() >= 1
+    assert (noise["clean_pred"] == noise["attacked_pred"]).all()
+
+    def true_class_drop(frame: pd.DataFrame) -> np.ndarray:
+        clean = np.where(frame["label_idx"] == 1, frame["clean_prob_tumor"], frame["clean_prob_normal"])
+        attacked = np.where(frame["label_idx"] == 1, frame["attacked_prob_tumor"], frame["attacked_prob_normal"])
+        return clean - attacked
+
+    assert (true_class_drop(oracle) > true_class_drop(noise)).all()  # every slide, not only the flipped ones
 
 
 def test_rerun_has_nothing_to_do(tiny):
