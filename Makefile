@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed
 GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPU_TOKENS := $(if $(filter 0,$(GPUS)),$(CORES),$(GPUS))
 
-.PHONY: demo grid test test-fast report setup clean slurm-packages chromium-package cluster-resources plan-study
+.PHONY: demo grid test lint test-fast report setup clean slurm-packages chromium-package cluster-resources plan-study
 
-$(STAMP): requirements.txt requirements-test.txt requirements-test-nodeps.txt
+$(STAMP): requirements.txt requirements-test.txt requirements-test-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-test.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-test-nodeps.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --editable .  # the library, importable everywhere
 	touch $@
 
 setup: $(STAMP)
@@ -33,19 +34,27 @@ demo: $(STAMP)
 GRID := tests/configs/factor_grid.yaml
 grid: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --resources gpu=$(GPU_TOKENS) --configfile config.yaml $(GRID)
-	PYTHONPATH=workflow_scripts $(BIN)/python -m wsiattack.gridtable results/summary.csv --sweep $(GRID) --csv results/grid_cells.csv
+	$(BIN)/python -m wsiattack.gridtable results/summary.csv --sweep $(GRID) --csv results/grid_cells.csv
 
 # Job count, DAG build time and peak memory of a 10 000-slide x 10-encoder x 50-attack dry run;
 # with a finished run in results/, its measured per-tile costs scaled to that study.
 PLAN_ARGS ?= --slides 10000 --encoders 10 --attacks 50 --shards 100
 plan-study: $(STAMP)
-	PYTHONPATH=workflow_scripts $(BIN)/python -m wsiattack.planning $(PLAN_ARGS) $(if $(wildcard results/features/demo),--pilot results)
+	$(BIN)/python -m wsiattack.planning $(PLAN_ARGS) $(if $(wildcard results/features/demo),--pilot results)
 
 report: $(STAMP)
 	$(BIN)/snakemake --cores 1 --report results/report.html
 
-test: $(STAMP) slurm-packages chromium-package
+test: lint slurm-packages chromium-package
 	$(BIN)/python -m pytest
+
+# Style and workflow checks, part of `make test` (and so of CI): ruff (lint + format), snakefmt,
+# and Snakemake's own linter, which exits non-zero on any finding.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check --line-length 120 Snakefile rules/
+	$(BIN)/snakemake --lint --cores 1 >/dev/null
 
 # The live-SLURM test needs Debian's slurm-wlm and munge; installed here when running as root with
 # apt-get (as CI does). Elsewhere the test is skipped and says why.
@@ -72,7 +81,7 @@ test-fast: $(STAMP)
 
 # Size profiles/slurm's per-rule memory and runtime from the benchmark files of a finished run.
 cluster-resources: $(STAMP)
-	PYTHONPATH=workflow_scripts $(BIN)/python -m wsiattack.cluster results/benchmarks profiles/slurm/config.yaml
+	$(BIN)/python -m wsiattack.cluster results/benchmarks profiles/slurm/config.yaml
 
 clean:
 	rm -rf results/* .snakemake

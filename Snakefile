@@ -41,6 +41,7 @@ localrules:
 
 
 rule all:
+    default_target: True
     input:
         "results/summary.csv",
         "results/skipped_slides.csv",
@@ -54,4 +55,3 @@ rule all:
             mil=MIL_MODELS,
             attack=ATTACKS,
         ),
-    default_target: True

@@ -1,17 +1,18 @@
 # Shared by all rules: the library on the path, the validated config, the sample sheet, and the
 # per-rule specs that Snakemake tracks as params (functions of wildcards only).
 import functools
+import math
 import os
 import sys
 from pathlib import Path
 
-LIBRARY = str(Path(workflow.basedir) / "workflow_scripts")
-sys.path.insert(0, LIBRARY)
-# Jobs run scripts in fresh interpreters (and, with --sdm conda, in per-rule envs where the
-# library is not installed): they find it through PYTHONPATH.
-os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (LIBRARY, os.environ.get("PYTHONPATH")) if p)
+# The Snakefile's own imports: the library is importable without installing it. Rule scripts find
+# it without help: Snakemake puts a script's own directory (workflow_scripts/) on its sys.path,
+# in every environment (conda, cluster).
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
 from wsiattack import config as wsiconfig
+from wsiattack.attacks.params import uses_mil_head
 from wsiattack.samples import read_samples
 from wsiattack.shards import SHARD_PATTERN, partition
 
@@ -93,3 +94,53 @@ def log_path(rule, *wildcard_names):
 def benchmark_path(rule, *wildcard_names):
     parts = "_".join(f"{{{w}}}" for w in wildcard_names) or rule
     return f"results/benchmarks/{rule}/{parts}.tsv"
+
+
+# Input functions of the stage rules (Snakemake lint: functions live here, rules in their files).
+def slide_mpp_overrides(wildcards):
+    """The sample sheet's mpp of the shard's slides that have one (part of the tiling spec)."""
+    sheet = samples()
+    if "mpp" not in sheet.columns:
+        return {}
+    mpps = {slide: float(sheet.loc[slide, "mpp"]) for slide in shard_slides(wildcards)}
+    return {slide: mpp for slide, mpp in mpps.items() if not math.isnan(mpp)}
+
+
+def selection_features(wildcards):
+    """Clean features, for the selections that rank tiles by them and the gray-box attacks' bag."""
+    entry = CONFIG["attacks"][wildcards.attack]
+    if entry["selection"] in ("centrality", "vulnerability") or uses_mil_head(entry):
+        return f"results/features/{wildcards.encoder}/{wildcards.shard}"
+    return []
+
+
+def oracle_splits(wildcards):
+    return "results/splits.csv" if uses_mil_head(CONFIG["attacks"][wildcards.attack]) else []
+
+
+def oracle_heads(wildcards):
+    """Every fold's head of the attack's MIL model on this encoder (gray-box attacks only)."""
+    entry = CONFIG["attacks"][wildcards.attack]
+    if not uses_mil_head(entry):
+        return []
+    return expand(
+        "results/mil/{encoder}/{mil}/fold{fold}/model.safetensors",
+        encoder=wildcards.encoder,
+        mil=entry["mil"],
+        fold=FOLDS,
+    )
+
+
+def clean_features(wildcards):
+    return per_shard("results/features/{encoder}/{shard}", encoder=wildcards.encoder)
+
+
+def example_slides(wildcards):
+    """The first few slides, for the example-tile figure."""
+    return slide_ids()[: CONFIG["evaluation"]["n_example_tiles"]]
+
+
+def example_shards(wildcards):
+    """The shards that hold the example slides."""
+    wanted = set(example_slides(wildcards))
+    return [shard for shard, members in shards().items() if wanted.intersection(members)]

@@ -7,14 +7,14 @@ checkpoint demo_cohort:
         samples=wsiconfig.DEMO_SAMPLES,
         slides=directory("results/demo/slides"),
         masks=directory("results/demo/masks"),  # the generator's tumour masks: ground truth per tile
-    params:
-        spec=lambda wildcards: spec({"demo": CONFIG["demo"], "classes": CONFIG["classes"]}),
     log:
         log_path("demo_cohort"),
     benchmark:
         benchmark_path("demo_cohort")
-    threads: 2
     conda:
         "../envs/slides.yaml"
+    threads: 2
+    params:
+        spec=lambda wildcards: spec({"demo": CONFIG["demo"], "classes": CONFIG["classes"]}),
     script:
         "../workflow_scripts/demo_cohort.py"

@@ -11,6 +11,16 @@ rule extract:
         tiles="results/tiles/{shard}",
     output:
         features=directory("results/features/{encoder}/{shard}"),
+    log:
+        log_path("extract", "encoder", "shard"),
+    benchmark:
+        benchmark_path("extract", "encoder", "shard")
+    conda:
+        "../envs/encoders.yaml"
+    threads: 1  # torch, plus one background thread decoding the slide's tiles
+    resources:
+        gpu=1,
+        mem_mb=4000,
     params:
         spec=lambda wildcards: spec(
             {
@@ -20,15 +30,5 @@ rule extract:
             }
         ),
         device=CONFIG["device"],  # not a spec: moving to a GPU must not re-run finished work
-    log:
-        log_path("extract", "encoder", "shard"),
-    benchmark:
-        benchmark_path("extract", "encoder", "shard")
-    threads: 1  # torch, plus one background thread decoding the slide's tiles
-    resources:
-        gpu=1,
-        mem_mb=4000,
-    conda:
-        "../envs/encoders.yaml"
     script:
         "../workflow_scripts/extract.py"

@@ -8,20 +8,16 @@ rule split:
         samples=CONFIG["samples"],
     output:
         splits="results/splits.csv",
-    params:
-        spec=lambda wildcards: spec(wsiconfig.split_spec(CONFIG)),
     log:
         log_path("split"),
     benchmark:
         benchmark_path("split")
     conda:
         "../envs/mil.yaml"
+    params:
+        spec=lambda wildcards: spec(wsiconfig.split_spec(CONFIG)),
     script:
         "../workflow_scripts/split.py"
-
-
-def clean_features(wildcards):
-    return per_shard("results/features/{encoder}/{shard}", encoder=wildcards.encoder)
 
 
 rule train_mil:
@@ -30,17 +26,17 @@ rule train_mil:
         features=clean_features,
     output:
         model="results/mil/{encoder}/{mil}/fold{fold}/model.safetensors",
-    params:
-        spec=lambda wildcards: spec(
-            {**wsiconfig.mil_spec(CONFIG, wildcards.mil), "fold": int(wildcards.fold), "classes": CONFIG["classes"]}
-        ),
     log:
         log_path("train_mil", "encoder", "mil", "fold"),
     benchmark:
         benchmark_path("train_mil", "encoder", "mil", "fold")
-    threads: 1
     conda:
         "../envs/mil.yaml"
+    threads: 1
+    params:
+        spec=lambda wildcards: spec(
+            {**wsiconfig.mil_spec(CONFIG, wildcards.mil), "fold": int(wildcards.fold), "classes": CONFIG["classes"]}
+        ),
     script:
         "../workflow_scripts/train_mil.py"
 
@@ -56,6 +52,13 @@ rule evaluate:
     output:
         per_slide="results/eval/{encoder}/{mil}/{attack}.csv",
         tile_weights=directory("results/eval/{encoder}/{mil}/{attack}.tile_weights.zarr"),
+    log:
+        log_path("evaluate", "encoder", "mil", "attack"),
+    benchmark:
+        benchmark_path("evaluate", "encoder", "mil", "attack")
+    conda:
+        "../envs/mil.yaml"
+    threads: 1
     params:
         # the marking is part of what the table states (and re-runs tables written before it)
         spec=lambda wildcards: spec(
@@ -66,12 +69,5 @@ rule evaluate:
                 **threat_marking(CONFIG["attacks"][wildcards.attack]),
             }
         ),
-    log:
-        log_path("evaluate", "encoder", "mil", "attack"),
-    benchmark:
-        benchmark_path("evaluate", "encoder", "mil", "attack")
-    threads: 1
-    conda:
-        "../envs/mil.yaml"
     script:
         "../workflow_scripts/evaluate.py"

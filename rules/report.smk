@@ -9,14 +9,14 @@ rule summarize:
         splits="results/splits.csv",  # patient_id: the bootstrap resamples patients
     output:
         summary=report("results/summary.csv", caption="captions/summary.rst", category="Summary"),
-    params:
-        spec=lambda wildcards: spec({"classes": CONFIG["classes"], **CONFIG["evaluation"]}),
     log:
         log_path("summarize"),
     benchmark:
         benchmark_path("summarize")
     conda:
         "../envs/mil.yaml"
+    params:
+        spec=lambda wildcards: spec({"classes": CONFIG["classes"], **CONFIG["evaluation"]}),
     script:
         "../workflow_scripts/summarize.py"
 
@@ -26,14 +26,14 @@ rule plot_metrics:
         summary="results/summary.csv",
     output:
         plot=report("results/plots/metrics.png", caption="captions/metrics.rst", category="Summary"),
-    params:
-        spec=lambda wildcards: spec({}),
     log:
         log_path("plot_metrics"),
     benchmark:
         benchmark_path("plot_metrics")
     conda:
         "../envs/plots.yaml"
+    params:
+        spec=lambda wildcards: spec({}),
     script:
         "../workflow_scripts/plot_metrics.py"
 
@@ -43,14 +43,14 @@ rule plot_factors:
         summary="results/summary.csv",
     output:
         plot=report("results/plots/factors.png", caption="captions/factors.rst", category="Summary"),
-    params:
-        spec=lambda wildcards: spec({"attacks": CONFIG["attacks"]}),
     log:
         log_path("plot_factors"),
     benchmark:
         benchmark_path("plot_factors")
     conda:
         "../envs/plots.yaml"
+    params:
+        spec=lambda wildcards: spec({"attacks": CONFIG["attacks"]}),
     script:
         "../workflow_scripts/plot_factors.py"
 
@@ -66,14 +66,14 @@ rule plot_heatmaps:
             category="Heatmaps",
             labels={"encoder": "{encoder}", "MIL head": "{mil}", "attack": "{attack}"},
         ),
-    params:
-        spec=lambda wildcards: spec({}),
     log:
         log_path("plot_heatmaps", "encoder", "mil", "attack"),
     benchmark:
         benchmark_path("plot_heatmaps", "encoder", "mil", "attack")
     conda:
         "../envs/plots.yaml"
+    params:
+        spec=lambda wildcards: spec({}),
     script:
         "../workflow_scripts/plot_heatmaps.py"
 
@@ -104,27 +104,16 @@ rule vulnerability:
             category="Vulnerability vs content",
             labels={"encoder": "{encoder}", "attack": "{attack}", "figure": "scatter"},
         ),
-    params:
-        spec=lambda wildcards: spec({"encoder": wildcards.encoder, "attack": wildcards.attack}),
     log:
         log_path("vulnerability", "encoder", "attack"),
     benchmark:
         benchmark_path("vulnerability", "encoder", "attack")
     conda:
         "../envs/plots.yaml"
+    params:
+        spec=lambda wildcards: spec({"encoder": wildcards.encoder, "attack": wildcards.attack}),
     script:
         "../workflow_scripts/vulnerability.py"
-
-
-def example_slides(wildcards):
-    """The first few slides, for the example-tile figure."""
-    return slide_ids()[: CONFIG["evaluation"]["n_example_tiles"]]
-
-
-def example_shards(wildcards):
-    """The shards that hold the example slides."""
-    wanted = set(example_slides(wildcards))
-    return [shard for shard, members in shards().items() if wanted.intersection(members)]
 
 
 rule plot_examples:
@@ -143,14 +132,14 @@ rule plot_examples:
             category="Adversarial tiles",
             labels={"attack": "{attack}", "encoder": "{encoder}"},
         ),
-    params:
-        spec=lambda wildcards: spec({"n_example_tiles": CONFIG["evaluation"]["n_example_tiles"]}),
-        slides=example_slides,
     log:
         log_path("plot_examples", "attack", "encoder"),
     benchmark:
         benchmark_path("plot_examples", "attack", "encoder")
     conda:
         "../envs/plots.yaml"
+    params:
+        spec=lambda wildcards: spec({"n_example_tiles": CONFIG["evaluation"]["n_example_tiles"]}),
+        slides=example_slides,
     script:
         "../workflow_scripts/plot_examples.py"

@@ -1,12 +1,10 @@
-"""Shared fixtures; puts the library (workflow_scripts/wsiattack) on the path."""
+"""Shared fixtures. The library is installed into .venv (editable) by `make setup`."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "workflow_scripts"))
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ jobs, so the configuration must sit at the default /etc/slurm/slurm.conf; withou
 `squeue` can report job states, which needs finished jobs kept (a large MinJobAge); without
 DefMemPerCPU every job would take the whole node's memory and jobs would run one at a time.
 """
+
 from __future__ import annotations
 
 import os
@@ -127,7 +128,9 @@ NodeName={self.node} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={NODE_MEM_MB} Gre
 PartitionName=cpu Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes={self.node} MaxTime=INFINITE State=UP
 """
-        gres_conf = f"{MARKER}\nAutoDetect=off\nNodeName={self.node} Name=gpu File={s}/dev/nvidia[0-{GPUS_PER_NODE - 1}]\n"
+        gres_conf = (
+            f"{MARKER}\nAutoDetect=off\nNodeName={self.node} Name=gpu File={s}/dev/nvidia[0-{GPUS_PER_NODE - 1}]\n"
+        )
         CONF_DIR.mkdir(parents=True, exist_ok=True)
         for name, text in (("slurm.conf", slurm_conf), ("gres.conf", gres_conf)):
             path = CONF_DIR / name
@@ -158,17 +161,26 @@ PartitionName=gpu Nodes={self.node} MaxTime=INFINITE State=UP
                 return
             for process in self.processes:
                 if process.poll() is not None:
-                    raise RuntimeError(f"{process.args[0]} exited with {process.returncode}: " + self._log_tail(Path(process.args[0]).name))
+                    raise RuntimeError(
+                        f"{process.args[0]} exited with {process.returncode}: "
+                        + self._log_tail(Path(process.args[0]).name)
+                    )
             if time.monotonic() > deadline:
-                raise RuntimeError(f"node not idle after {timeout_s} s (sinfo: {state}): " + self._log_tail("slurmctld"))
+                raise RuntimeError(
+                    f"node not idle after {timeout_s} s (sinfo: {state}): " + self._log_tail("slurmctld")
+                )
             time.sleep(0.5)
 
     def _log_tail(self, name: str) -> str:
-        texts = [p.read_text(errors="replace")[-2000:] for p in (self.state_dir / "log").glob(f"{name}*") if p.is_file()]
+        texts = [
+            p.read_text(errors="replace")[-2000:] for p in (self.state_dir / "log").glob(f"{name}*") if p.is_file()
+        ]
         return "\n".join(texts)
 
     # -- queries --------------------------------------------------------------------------------
     def jobs(self) -> list[dict[str, str]]:
         """Every job the controller knows (finished ones included: MinJobAge keeps them)."""
-        out = subprocess.run(["scontrol", "show", "job", "--oneliner"], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["scontrol", "show", "job", "--oneliner"], capture_output=True, text=True, check=True
+        ).stdout
         return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if line.startswith("JobId=")]

@@ -1,6 +1,7 @@
 """Attack methods: analytic optimum on a rank-1 linear encoder, invariants on the demo encoder,
 shared guards, and a cross-check against torchattacks (skipped when it is not installed)."""
 
+import itertools
 import math
 
 import numpy as np
@@ -8,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from wsiattack.attacks.methods import APGD, FGSM, MIFGSM, PGD, CarliniWagnerL2, UniformNoise, build_method
 from wsiattack.attacks.objectives import cosine_distance, l2_distance
 from wsiattack.encoders.model import build_encoder, channels_first, to_unit_pixels
@@ -46,10 +46,20 @@ def oracle():
 
 
 def attack(method, encoder, clean, reference, *, objective=l2_distance, seed=0):
-    return method(encoder=encoder, clean=clean, reference=reference, generator=torch.Generator().manual_seed(seed), objective=objective)
+    return method(
+        encoder=encoder,
+        clean=clean,
+        reference=reference,
+        generator=torch.Generator().manual_seed(seed),
+        objective=objective,
+    )
 
 
-@pytest.mark.parametrize("method", [FGSM(eps=EPS), PGD(eps=EPS, steps=10, step_size=EPS / 4), MIFGSM(eps=EPS, steps=10, step_size=EPS / 4)], ids=["fgsm", "pgd", "mifgsm"])
+@pytest.mark.parametrize(
+    "method",
+    [FGSM(eps=EPS), PGD(eps=EPS, steps=10, step_size=EPS / 4), MIFGSM(eps=EPS, steps=10, step_size=EPS / 4)],
+    ids=["fgsm", "pgd", "mifgsm"],
+)
 def test_fgsm_pgd_mifgsm_reach_the_linf_optimum_exactly(oracle, method):
     encoder, clean, reference = oracle
     out = attack(method, encoder, clean, reference)
@@ -66,14 +76,22 @@ def test_apgd_comes_within_a_small_margin_of_the_linf_optimum(oracle):
     assert torch.all(out.objective >= 0.999 * optimum) and torch.all(out.objective <= optimum * (1 + 1e-5))
 
 
-@pytest.mark.parametrize("method", [FGSM(eps=EPS, norm="l2"), PGD(eps=EPS, norm="l2", steps=30, step_size=EPS / 2), CarliniWagnerL2(eps=EPS, steps=100, binary_search_steps=2, lr=0.02)], ids=["fgsm", "pgd", "cw"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        FGSM(eps=EPS, norm="l2"),
+        PGD(eps=EPS, norm="l2", steps=30, step_size=EPS / 2),
+        CarliniWagnerL2(eps=EPS, steps=100, binary_search_steps=2, lr=0.02),
+    ],
+    ids=["fgsm", "pgd", "cw"],
+)
 def test_l2_methods_reach_the_l2_optimum(oracle, method):
     encoder, clean, reference = oracle
     out = attack(method, encoder, clean, reference)
     radius = EPS * math.sqrt(clean[0].numel())
     optimum = radius * encoder.w.norm().item()
     margin = 1e-5 if isinstance(method, FGSM) else 0.01
-    assert torch.all(out.objective >= (1 - margin) * optimum), (out.objective / optimum)
+    assert torch.all(out.objective >= (1 - margin) * optimum), out.objective / optimum
     assert torch.all((out.adversarial - clean).flatten(1).norm(dim=1) <= radius * (1 + 1e-6))
 
 
@@ -82,7 +100,9 @@ def test_cw_with_a_reachable_kappa_stops_near_it_with_less_distortion(oracle):
     encoder, clean, reference = oracle
     radius = EPS * math.sqrt(clean[0].numel())
     kappa = 0.5 * radius * encoder.w.norm().item()
-    out = attack(CarliniWagnerL2(eps=EPS, steps=100, binary_search_steps=4, lr=0.02, kappa=kappa), encoder, clean, reference)
+    out = attack(
+        CarliniWagnerL2(eps=EPS, steps=100, binary_search_steps=4, lr=0.02, kappa=kappa), encoder, clean, reference
+    )
     distortion = (out.adversarial - clean).flatten(1).norm(dim=1)
     assert torch.all(out.objective >= kappa)
     assert torch.all(distortion < 0.8 * radius)  # the least-distortion success, not the full budget
@@ -95,7 +115,9 @@ def test_cw_rounds_go_on_from_the_best_iterate_and_are_counted(oracle):
     optimum = EPS * math.sqrt(clean[0].numel()) * encoder.w.norm().item()
     one = attack(CarliniWagnerL2(eps=EPS, steps=2, binary_search_steps=1, lr=0.01), encoder, clean, reference)
     three = attack(CarliniWagnerL2(eps=EPS, steps=2, binary_search_steps=3, lr=0.01), encoder, clean, reference)
-    assert torch.all(one.objective < 0.3 * optimum) and torch.all(three.objective > 0.7 * optimum)  # 0.24-0.28 vs 0.72-0.76
+    assert torch.all(one.objective < 0.3 * optimum) and torch.all(
+        three.objective > 0.7 * optimum
+    )  # 0.24-0.28 vs 0.72-0.76
     assert torch.all(one.iterations == 1 + 2) and torch.all(three.iterations == 1 + 3 * 2)  # + the scale probe
 
 
@@ -147,7 +169,13 @@ FAST = {  # few steps: on the demo encoder every gradient step costs a ViT forwa
     "apgd": {"steps": 3},
     "cw": {"steps": 2, "binary_search_steps": 1, "lr": 0.05},
 }
-LONGER = {"pgd": {"steps": 5}, "pgd_l2": {"steps": 5}, "mifgsm": {"steps": 5}, "apgd": {"steps": 12}, "cw": {"steps": 6, "binary_search_steps": 2}}
+LONGER = {
+    "pgd": {"steps": 5},
+    "pgd_l2": {"steps": 5},
+    "mifgsm": {"steps": 5},
+    "apgd": {"steps": 12},
+    "cw": {"steps": 6, "binary_search_steps": 2},
+}
 
 
 def run_rounded(encoder, tiles_uint8, name, *, eps=EPS, seed=0, **overrides):
@@ -202,8 +230,11 @@ def test_more_steps_never_lower_the_best_objective(tiny, crops_uint8, name):
 
 @pytest.mark.parametrize("name", [*FAST, "noise"])
 def test_larger_eps_never_lowers_the_best_objective(tiny, crops_uint8, name):
-    values = [run_rounded(tiny, crops_uint8, name, eps=eps, **LONGER.get(name, {}))[1] for eps in (1 / 255, 2 / 255, 4 / 255, 8 / 255)]
-    for small, large in zip(values, values[1:]):
+    values = [
+        run_rounded(tiny, crops_uint8, name, eps=eps, **LONGER.get(name, {}))[1]
+        for eps in (1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    ]
+    for small, large in itertools.pairwise(values):
         assert torch.all(large >= small), (name, values)
 
 
@@ -231,12 +262,27 @@ class Recorder(nn.Module):
         return out.flatten(2).mean(dim=2)
 
 
-@pytest.mark.parametrize("method", [FGSM(eps=EPS), PGD(eps=EPS, steps=2, step_size=1 / 255), MIFGSM(eps=EPS, steps=2, step_size=1 / 255), APGD(eps=EPS, steps=3), CarliniWagnerL2(eps=EPS, steps=2, binary_search_steps=1), UniformNoise(eps=EPS)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "method",
+    [
+        FGSM(eps=EPS),
+        PGD(eps=EPS, steps=2, step_size=1 / 255),
+        MIFGSM(eps=EPS, steps=2, step_size=1 / 255),
+        APGD(eps=EPS, steps=3),
+        CarliniWagnerL2(eps=EPS, steps=2, binary_search_steps=1),
+        UniformNoise(eps=EPS),
+    ],
+    ids=lambda m: type(m).__name__,
+)
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
 def test_guards_eval_mode_gradients_fp32_and_mode_restored(method, context):
     torch.manual_seed(0)
     encoder = Recorder().train()
-    outer = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}[context]
+    outer = {
+        "no_grad": torch.no_grad,
+        "inference_mode": torch.inference_mode,
+        "autocast": lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+    }[context]
     with outer():
         clean = torch.rand(2, 3, 16, 16)
         reference = encoder.eval()(clean).float()
@@ -271,7 +317,17 @@ class NaNGradient(nn.Module):
         return _NaNBackward.apply(x).flatten(1)[:, :4]
 
 
-@pytest.mark.parametrize("method", [FGSM(eps=EPS), PGD(eps=EPS, steps=2, step_size=1 / 255), MIFGSM(eps=EPS, steps=2, step_size=1 / 255), APGD(eps=EPS, steps=2), CarliniWagnerL2(eps=EPS, steps=2, binary_search_steps=1)], ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "method",
+    [
+        FGSM(eps=EPS),
+        PGD(eps=EPS, steps=2, step_size=1 / 255),
+        MIFGSM(eps=EPS, steps=2, step_size=1 / 255),
+        APGD(eps=EPS, steps=2),
+        CarliniWagnerL2(eps=EPS, steps=2, binary_search_steps=1),
+    ],
+    ids=lambda m: type(m).__name__,
+)
 def test_zero_and_nan_gradients_are_errors_for_every_method(method):
     clean = torch.rand(2, 3, 8, 8)
     with pytest.raises(AttackError, match="all-zero input gradient for 2 tile"):
@@ -315,7 +371,9 @@ def _small_classifier_and_data():
 
 
 def test_pgd_with_cross_entropy_matches_torchattacks_robust_accuracy():
-    torchattacks = pytest.importorskip("torchattacks", reason="torchattacks (test-only dependency, requirements-test.txt) is not installed")
+    torchattacks = pytest.importorskip(
+        "torchattacks", reason="torchattacks (test-only dependency, requirements-test.txt) is not installed"
+    )
     model, images, labels = _small_classifier_and_data()
     eps, alpha, steps = 8 / 255, 2 / 255, 10
     clean_accuracy = (model(images).argmax(1) == labels).float().mean().item()

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
 from wsiattack import stores
 from wsiattack.attacks.bounds import Ball, quantize_l2, quantize_linf
 from wsiattack.attacks.budget import slide_rng, tiles_to_attack
@@ -84,7 +83,9 @@ def test_quantize_l2_holds_the_radius_exactly_and_only_undoes_overshooting_round
     ball = Ball("l2", 2 / 255)
     radius = ball.radius(clean.float())
     direction = torch.randn(3, 3, 16, 16, generator=g)
-    adversarial = clean.float() / 255 + direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * radius  # on the sphere
+    adversarial = (
+        clean.float() / 255 + direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * radius
+    )  # on the sphere
     nearest = torch.round(adversarial * 255).to(torch.int64) - clean.to(torch.int64)
     assert torch.all(nearest.flatten(1).pow(2).sum(1) > (radius * 255) ** 2)  # nearest rounding breaks it here
     out = quantize_l2(adversarial, clean, radius).to(torch.int64) - clean.to(torch.int64)
@@ -94,7 +95,9 @@ def test_quantize_l2_holds_the_radius_exactly_and_only_undoes_overshooting_round
     assert torch.all(nearest[changed].abs() > exact[changed].abs())  # only roundings away from clean were undone
     assert torch.all((out - nearest)[changed].abs() == 1)
     inside = clean.float() / 255 + (adversarial - clean.float() / 255) * 0.5
-    torch.testing.assert_close(quantize_l2(inside, clean, radius), torch.round(inside * 255).to(torch.uint8), rtol=0, atol=0)
+    torch.testing.assert_close(
+        quantize_l2(inside, clean, radius), torch.round(inside * 255).to(torch.uint8), rtol=0, atol=0
+    )
 
 
 class _FactoryDeviceSpy(torch.overrides.TorchFunctionMode):
@@ -179,13 +182,41 @@ def slide(tmp_path):
     return write_tiles(tmp_path / "tiles.zarr", tiles), tiles, levels
 
 
-SPEC = {"name": "pgd", "method": "pgd", "objective": "cosine", "eps": EPS, "steps": 3, "step_size": 1 / 255, "budget": {"fraction": 0.25, "min_tiles": 1}, "selection": "random", "seed": 0}
-ARRAYS = ("index", "adv_tiles", "linf", "l2", "objective_before_rounding", "objective", "iterations", "best_step", "selection_score")
+SPEC = {
+    "name": "pgd",
+    "method": "pgd",
+    "objective": "cosine",
+    "eps": EPS,
+    "steps": 3,
+    "step_size": 1 / 255,
+    "budget": {"fraction": 0.25, "min_tiles": 1},
+    "selection": "random",
+    "seed": 0,
+}
+ARRAYS = (
+    "index",
+    "adv_tiles",
+    "linf",
+    "l2",
+    "objective_before_rounding",
+    "objective",
+    "iterations",
+    "best_step",
+    "selection_score",
+)
 
 
 def perturb(tmp_path, tiles_path, spec, name="a.zarr", encoder=None, **kwargs):
     encoder = encoder or TinyEncoder().eval()
-    k = perturb_slide(slide_id="s1", tiles_store=tiles_path, encoder=encoder, spec=spec, out_store=tmp_path / name, device=CPU, **kwargs)
+    k = perturb_slide(
+        slide_id="s1",
+        tiles_store=tiles_path,
+        encoder=encoder,
+        spec=spec,
+        out_store=tmp_path / name,
+        device=CPU,
+        **kwargs,
+    )
     return k, stores.open_store(tmp_path / name, kind=stores.ATTACK)
 
 
@@ -276,17 +307,30 @@ def test_centrality_selection_needs_matching_clean_features(tmp_path, slide):
 def test_demo_encoder_attack_then_reembed_replaces_only_the_selected_rows(tmp_path, slide):
     path, _, _ = slide
     demo = build_encoder("demo")
-    extract_slide(slide_id="s1", tiles_store=path, encoder=demo, batch_size=16, device=CPU, out_store=tmp_path / "clean.zarr")
+    extract_slide(
+        slide_id="s1", tiles_store=path, encoder=demo, batch_size=16, device=CPU, out_store=tmp_path / "clean.zarr"
+    )
     spec = {**SPEC, "budget": {"fraction": 0.1, "min_tiles": 1}, "steps": 2}
     k, store = perturb(tmp_path, path, spec, "attack.zarr", encoder=demo)
-    reembed_slide(slide_id="s1", attack_store=tmp_path / "attack.zarr", encoder=demo, batch_size=16, device=CPU, out_store=tmp_path / "re.zarr")
+    reembed_slide(
+        slide_id="s1",
+        attack_store=tmp_path / "attack.zarr",
+        encoder=demo,
+        batch_size=16,
+        device=CPU,
+        out_store=tmp_path / "re.zarr",
+    )
     clean = np.asarray(stores.open_store(tmp_path / "clean.zarr", kind=stores.FEATURES)["features"][...])
     re = stores.open_store(tmp_path / "re.zarr", kind=stores.REEMBEDDED)
     bag = attacked_bag(clean, index=np.asarray(re["index"][...]), replacement=np.asarray(re["features"][...]))
     untouched = np.setdiff1d(np.arange(12), store["index"][...])
     np.testing.assert_array_equal(bag[untouched], clean[untouched])
-    shifted = 1 - np.sum(bag[store["index"][...]] * clean[store["index"][...]], axis=1) / (np.linalg.norm(bag[store["index"][...]], axis=1) * np.linalg.norm(clean[store["index"][...]], axis=1))
-    np.testing.assert_allclose(shifted, store["objective"][...], rtol=1e-3, atol=1e-6)  # re-embedding sees what the attack stored
+    shifted = 1 - np.sum(bag[store["index"][...]] * clean[store["index"][...]], axis=1) / (
+        np.linalg.norm(bag[store["index"][...]], axis=1) * np.linalg.norm(clean[store["index"][...]], axis=1)
+    )
+    np.testing.assert_allclose(
+        shifted, store["objective"][...], rtol=1e-3, atol=1e-6
+    )  # re-embedding sees what the attack stored
 
 
 # --- method parameters and sweeps -----------------------------------------------------------------
@@ -294,7 +338,9 @@ def test_demo_encoder_attack_then_reembed_replaces_only_the_selected_rows(tmp_pa
 
 def test_normalise_fills_method_defaults_and_refuses_foreign_parameters():
     entry = normalise_attack({"method": "pgd", "eps": 8 / 255, "steps": 20}, where="attacks.x")
-    assert entry["step_size"] == pytest.approx(2.5 * (8 / 255) / 20) and entry["norm"] == "linf" and entry["restarts"] == 1
+    assert (
+        entry["step_size"] == pytest.approx(2.5 * (8 / 255) / 20) and entry["norm"] == "linf" and entry["restarts"] == 1
+    )
     assert normalise_attack({"method": "apgd", "eps": EPS}, where="a")["steps"] == 100
     assert normalise_attack({"method": "cw", "eps": EPS}, where="a")["kappa"] is None
     with pytest.raises(ConfigError, match=r"attacks.x.momentum: not a parameter of method 'pgd'"):
@@ -306,7 +352,13 @@ def test_normalise_fills_method_defaults_and_refuses_foreign_parameters():
 
 
 def test_sweep_expands_the_grid_into_readable_deterministic_names():
-    sweep = {"methods": ["pgd", "noise"], "eps": ["1/255", 4 / 255, "7.5/255"], "fractions": [0.001, 0.01], "selections": ["random", "vulnerability"], "base": {"objective": "cosine", "seed": 3, "steps": 20, "budget": {"min_tiles": 2}}}
+    sweep = {
+        "methods": ["pgd", "noise"],
+        "eps": ["1/255", 4 / 255, "7.5/255"],
+        "fractions": [0.001, 0.01],
+        "selections": ["random", "vulnerability"],
+        "base": {"objective": "cosine", "seed": 3, "steps": 20, "budget": {"min_tiles": 2}},
+    }
     entries = expand_sweep(sweep)
     assert len(entries) == 2 * 3 * 2 * 2
     assert list(entries)[:3] == ["pgd_eps1_f0.001_random", "pgd_eps1_f0.001_vulnerability", "pgd_eps1_f0.01_random"]
@@ -319,37 +371,84 @@ def test_sweep_expands_the_grid_into_readable_deterministic_names():
 
 
 def test_sweep_entries_get_the_schema_defaults_and_mil_only_where_a_head_is_used():
-    entries = expand_sweep({"methods": ["pgd"], "eps": ["4/255"], "selections": ["random", "attention"], "params": {"pgd": {"step_size": "1/255"}}, "base": {"mil": "abmil"}})
+    entries = expand_sweep(
+        {
+            "methods": ["pgd"],
+            "eps": ["4/255"],
+            "selections": ["random", "attention"],
+            "params": {"pgd": {"step_size": "1/255"}},
+            "base": {"mil": "abmil"},
+        }
+    )
     plain, gray = entries["pgd_eps4_f0.001_random"], entries["pgd_eps4_f0.001_attention"]
-    assert plain["seed"] == 0 and plain["objective"] == "cosine" and plain["budget"] == {"fraction": 0.001, "min_tiles": 1, "max_tiles": None}
+    assert (
+        plain["seed"] == 0
+        and plain["objective"] == "cosine"
+        and plain["budget"] == {"fraction": 0.001, "min_tiles": 1, "max_tiles": None}
+    )
     assert plain["step_size"] == pytest.approx(1 / 255)  # fractions parsed as for entries under attacks
     assert "mil" not in plain and gray["mil"] == "abmil"
 
 
 def test_sweep_params_override_per_method_and_bad_sweeps_name_the_key():
-    entries = expand_sweep({"methods": ["apgd", "cw"], "eps": ["8/255"], "base": {"steps": 50}, "params": {"cw": {"steps": 10, "kappa": 0.3}}, "prefix": "s1_"})
+    entries = expand_sweep(
+        {
+            "methods": ["apgd", "cw"],
+            "eps": ["8/255"],
+            "base": {"steps": 50},
+            "params": {"cw": {"steps": 10, "kappa": 0.3}},
+            "prefix": "s1_",
+        }
+    )
     assert entries["s1_apgd_eps8_f0.001_random"]["steps"] == 50
     assert entries["s1_cw_eps8_f0.001_random"]["steps"] == 10 and entries["s1_cw_eps8_f0.001_random"]["kappa"] == 0.3
     bad = [
         ({"methods": ["pgd"]}, r"sweep.eps: required"),
-        ({"methods": ["pgd"], "eps": ["4/255", 4 / 255]}, r"sweep.eps: 0.0156.* gives the same name 'pgd_eps4_f0.001_random'"),
+        (
+            {"methods": ["pgd"], "eps": ["4/255", 4 / 255]},
+            r"sweep.eps: 0.0156.* gives the same name 'pgd_eps4_f0.001_random'",
+        ),
         ({"methods": ["pgdd"], "eps": [0.01]}, r"sweep.methods\[0\]: unknown 'pgdd'"),
         ({"methods": ["pgd"], "eps": [0.01], "selections": ["attn"]}, r"sweep.selections\[0\]: unknown 'attn'"),
-        ({"methods": ["pgd"], "eps": [0.01], "fractions": [0]}, r"sweep.fractions\[0\]: 0 must be a number in \(0, 1\]"),
+        (
+            {"methods": ["pgd"], "eps": [0.01], "fractions": [0]},
+            r"sweep.fractions\[0\]: 0 must be a number in \(0, 1\]",
+        ),
         ({"methods": ["pgd"], "eps": [0.01], "params": {"cw": {}}}, r"sweep.params.cw: not one of sweep.methods"),
         ({"methods": ["pgd"], "eps": [0.01], "base": {"eps": 0.1}}, r"sweep.base.eps: set by the grid"),
-        ({"methods": ["pgd"], "eps": [0.01], "params": {"pgd": {"kappa": 1.0}}}, r"kappa: not a parameter of method 'pgd'"),
+        (
+            {"methods": ["pgd"], "eps": [0.01], "params": {"pgd": {"kappa": 1.0}}},
+            r"kappa: not a parameter of method 'pgd'",
+        ),
         ({"methods": ["pgd"], "eps": [0.01], "grid": {}}, r"sweep.grid: unknown key"),
         ({"methods": ["pgd"], "eps": ["4/0"]}, r"sweep.eps\[0\]: division by zero"),
         ({"methods": ["pgd"], "eps": [0.01], "base": {"objectiv": "l2"}}, r"sweep.base.objectiv: unknown key"),
-        ({"methods": ["pgd"], "eps": [0.01], "base": {"budget": {"min_tile": 2}}}, r"sweep.base.budget.min_tile: unknown key"),
+        (
+            {"methods": ["pgd"], "eps": [0.01], "base": {"budget": {"min_tile": 2}}},
+            r"sweep.base.budget.min_tile: unknown key",
+        ),
         ({"methods": ["pgd"], "eps": [0.01], "params": {"pgd": {"stepz": 3}}}, r"sweep.params.pgd.stepz: unknown key"),
         # every generated entry is checked against the schema's $defs/attack, naming entry and key
-        ({"methods": ["pgd"], "eps": [0.01], "base": {"objective": "cosin"}}, r"sweep \(pgd_eps2.55_f0.001_random\).objective: 'cosin' is not one of"),
-        ({"methods": ["pgd"], "eps": [0.01], "base": {"seed": -1}}, r"sweep \(pgd_eps2.55_f0.001_random\).seed: -1 is less than the minimum"),
-        ({"methods": ["pgd"], "eps": [0.01], "base": {"budget": {"min_tiles": 0}}}, r"sweep \(pgd_eps2.55_f0.001_random\).budget.min_tiles: 0 is less than"),
-        ({"methods": ["noise", "pgd"], "eps": [0.01], "params": {"pgd": {"steps": "ten"}}}, r"sweep \(pgd_eps2.55_f0.001_random\).steps: 'ten' is not of type 'integer'"),
-        ({"methods": ["pgd"], "eps": [0.01], "params": {"pgd": {"norm": "l1"}}}, r"sweep \(pgd_eps2.55_f0.001_random\).norm: 'l1' is not one of"),
+        (
+            {"methods": ["pgd"], "eps": [0.01], "base": {"objective": "cosin"}},
+            r"sweep \(pgd_eps2.55_f0.001_random\).objective: 'cosin' is not one of",
+        ),
+        (
+            {"methods": ["pgd"], "eps": [0.01], "base": {"seed": -1}},
+            r"sweep \(pgd_eps2.55_f0.001_random\).seed: -1 is less than the minimum",
+        ),
+        (
+            {"methods": ["pgd"], "eps": [0.01], "base": {"budget": {"min_tiles": 0}}},
+            r"sweep \(pgd_eps2.55_f0.001_random\).budget.min_tiles: 0 is less than",
+        ),
+        (
+            {"methods": ["noise", "pgd"], "eps": [0.01], "params": {"pgd": {"steps": "ten"}}},
+            r"sweep \(pgd_eps2.55_f0.001_random\).steps: 'ten' is not of type 'integer'",
+        ),
+        (
+            {"methods": ["pgd"], "eps": [0.01], "params": {"pgd": {"norm": "l1"}}},
+            r"sweep \(pgd_eps2.55_f0.001_random\).norm: 'l1' is not one of",
+        ),
     ]
     for sweep, message in bad:
         with pytest.raises(ConfigError, match=message):
@@ -360,7 +459,15 @@ def test_noise_at_eps_zero_is_the_null_control_the_unmodified_tiles(tmp_path, sl
     """The null control (noise, eps 0) stores the selected tiles exactly: re-embedding them shows
     how far batch size and path alone move a feature, the floor under every other shift."""
     path, tiles, _ = slide
-    spec = {"name": "null", "method": "noise", "objective": "cosine", "eps": 0.0, "budget": {"fraction": 0.25, "min_tiles": 1}, "selection": "random", "seed": 0}
+    spec = {
+        "name": "null",
+        "method": "noise",
+        "objective": "cosine",
+        "eps": 0.0,
+        "budget": {"fraction": 0.25, "min_tiles": 1},
+        "selection": "random",
+        "seed": 0,
+    }
     k, store = perturb(tmp_path, path, spec, "null.zarr")
     _, pgd = perturb(tmp_path, path, SPEC, "pgd.zarr")
     index = np.asarray(store["index"][...])

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
 from wsiattack import cluster, stores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +42,18 @@ def test_gpu_rules_are_read_from_the_rules():
 
 
 def test_local_rules_are_read_from_the_snakefile():
-    assert cluster.local_rules(ROOT / "Snakefile") == {"all", "demo_cohort", "split", "list_skipped", "summarize", "plot_metrics", "plot_examples", "plot_factors", "plot_heatmaps", "vulnerability"}
+    assert cluster.local_rules(ROOT / "Snakefile") == {
+        "all",
+        "demo_cohort",
+        "split",
+        "list_skipped",
+        "summarize",
+        "plot_metrics",
+        "plot_examples",
+        "plot_factors",
+        "plot_heatmaps",
+        "vulnerability",
+    }
 
 
 def test_profile_block_is_replaced_and_the_rest_kept(tmp_path):
@@ -53,17 +63,25 @@ def test_profile_block_is_replaced_and_the_rest_kept(tmp_path):
     profile.write_text(PROFILE.read_text())
     cluster.main([str(tmp_path / "bench"), str(profile), "--gpu-partition", "a100"])
     text = profile.read_text()
-    assert text.replace(re.search(r"# BEGIN.*# END cluster-resources", text, re.S).group(0), "") == PROFILE.read_text().replace(
+    assert text.replace(
+        re.search(r"# BEGIN.*# END cluster-resources", text, re.S).group(0), ""
+    ) == PROFILE.read_text().replace(
         re.search(r"# BEGIN.*# END cluster-resources", PROFILE.read_text(), re.S).group(0), ""
     )
-    assert yaml.safe_load(text)["set-resources"] == {"attack": {"mem_mb": "1500 * attempt", "runtime": "10 * attempt", "slurm_partition": "a100"}}
+    assert yaml.safe_load(text)["set-resources"] == {
+        "attack": {"mem_mb": "1500 * attempt", "runtime": "10 * attempt", "slurm_partition": "a100"}
+    }
 
 
 def test_slurm_profile_sizes_every_rule_and_sends_gpu_rules_to_the_gpu_partition():
     profile = yaml.safe_load(PROFILE.read_text())
     assert profile["executor"] == "slurm" and profile["retries"] >= 1
     assert profile["slurm-status-command"] == "squeue"
-    rules = set(re.findall(r"^(?:rule|checkpoint) (\w+):", "\n".join(p.read_text() for p in (ROOT / "rules").glob("*.smk")), re.M))
+    rules = set(
+        re.findall(
+            r"^(?:rule|checkpoint) (\w+):", "\n".join(p.read_text() for p in (ROOT / "rules").glob("*.smk")), re.M
+        )
+    )
     sized = profile["set-resources"]
     assert set(sized) <= rules and cluster.gpu_rules(ROOT / "rules") <= set(sized)
     assert not set(sized) & cluster.local_rules(ROOT / "Snakefile")  # they never reach SLURM
@@ -71,7 +89,9 @@ def test_slurm_profile_sizes_every_rule_and_sends_gpu_rules_to_the_gpu_partition
         assert "attempt" in str(resources["mem_mb"]) and "attempt" in str(resources["runtime"])  # retries grow them
         assert (resources.get("slurm_partition") == "gpu") == (rule in cluster.gpu_rules(ROOT / "rules"))
     # retries grow memory with the attempt number, as Snakemake evaluates the expression
-    assert eval(str(sized["extract"]["mem_mb"]), {"attempt": 2}) == 2 * eval(str(sized["extract"]["mem_mb"]), {"attempt": 1})
+    assert eval(str(sized["extract"]["mem_mb"]), {"attempt": 2}) == 2 * eval(
+        str(sized["extract"]["mem_mb"]), {"attempt": 1}
+    )
 
 
 def test_a_killed_writers_debris_is_removed_by_the_next_write(tmp_path):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from wsiattack import config as wsiconfig
 from wsiattack.errors import ConfigError
 
@@ -51,8 +50,12 @@ def test_factor_grid_overlays_the_default_with_48_attacks():
     """Given after config.yaml (make grid), Snakemake merges it key by key onto the default."""
     config = overlaid_on_default(yaml.safe_load((ROOT / "tests" / "configs" / "factor_grid.yaml").read_text()))
     attacks = wsiconfig.validate_config(config)["attacks"]
-    assert len(attacks) == 5 + 6 * 4 * 2 and {"pgd_eps4", "noise_eps4", "null_control", "cw_eps8_f0.01_random"} <= set(attacks)
-    assert attacks["pgd_eps1_f0.001_random"]["steps"] == 5 and attacks["cw_eps1_f0.001_random"]["binary_search_steps"] == 2
+    assert len(attacks) == 5 + 6 * 4 * 2 and {"pgd_eps4", "noise_eps4", "null_control", "cw_eps8_f0.01_random"} <= set(
+        attacks
+    )
+    assert (
+        attacks["pgd_eps1_f0.001_random"]["steps"] == 5 and attacks["cw_eps1_f0.001_random"]["binary_search_steps"] == 2
+    )
 
 
 @pytest.mark.parametrize(
@@ -60,18 +63,39 @@ def test_factor_grid_overlays_the_default_with_48_attacks():
     [
         (lambda c: c.update(colour="blue"), r"config: <top level>: .*'colour' was unexpected"),
         (lambda c: c["attacks"]["pgd_eps4"].update(epz=1), r"config: attacks\.pgd_eps4: .*'epz' was unexpected"),
-        (lambda c: c["attacks"]["pgd_eps4"].update(eps=0), r"config: attacks\.pgd_eps4\.eps: 0 is only meaningful for the noise method"),
-        (lambda c: c["tiling"]["tissue"].update(min_fraction=2), r"config: tiling\.tissue\.min_fraction: 2 is greater than the maximum"),
+        (
+            lambda c: c["attacks"]["pgd_eps4"].update(eps=0),
+            r"config: attacks\.pgd_eps4\.eps: 0 is only meaningful for the noise method",
+        ),
+        (
+            lambda c: c["tiling"]["tissue"].update(min_fraction=2),
+            r"config: tiling\.tissue\.min_fraction: 2 is greater than the maximum",
+        ),
         (lambda c: c["attacks"]["pgd_eps4"].update(eps="4/0"), r"config: attacks\.pgd_eps4\.eps: division by zero"),
-        (lambda c: c["attacks"]["pgd_eps4"].update(eps="300/255"), r"attacks\.pgd_eps4\.eps: 1\.17\d* is outside \[0, 1\]"),
+        (
+            lambda c: c["attacks"]["pgd_eps4"].update(eps="300/255"),
+            r"attacks\.pgd_eps4\.eps: 1\.17\d* is outside \[0, 1\]",
+        ),
         (lambda c: c["attacks"]["pgd_eps4"].update(eps="four"), r"attacks\.pgd_eps4\.eps: 'four' is neither a number"),
         (lambda c: c.update(encoders=["uni_typo"]), r"config: encoders: unknown encoder 'uni_typo' \(known: demo"),
-        (lambda c: c["attacks"]["pgd_eps4"].update(method="deepfool"), r"attacks\.pgd_eps4\.method: 'deepfool' is not one of"),
+        (
+            lambda c: c["attacks"]["pgd_eps4"].update(method="deepfool"),
+            r"attacks\.pgd_eps4\.method: 'deepfool' is not one of",
+        ),
         (lambda c: c.pop("classes"), r"'classes' is a required property"),
-        (lambda c: c["attacks"].update({"bad/name": c["attacks"]["pgd_eps4"]}), r"config: attacks: 'bad/name' does not match"),
+        (
+            lambda c: c["attacks"].update({"bad/name": c["attacks"]["pgd_eps4"]}),
+            r"config: attacks: 'bad/name' does not match",
+        ),
         (lambda c: c["mil"].update(models=["abmil", "gnn"]), r"config: mil\.models\.1: 'gnn' is not one of"),
-        (lambda c: c["mil"].update(hparams={"mean": {"attention_dim": 8}}), r"mil\.hparams\.mean: .*'attention_dim' was unexpected\) \(allowed: dropout, hidden_dim\)"),
-        (lambda c: c["mil"].update(val_fraction=0.5), r"config: mil\.val_fraction: 0\.5 is greater than or equal to the maximum"),
+        (
+            lambda c: c["mil"].update(hparams={"mean": {"attention_dim": 8}}),
+            r"mil\.hparams\.mean: .*'attention_dim' was unexpected\) \(allowed: dropout, hidden_dim\)",
+        ),
+        (
+            lambda c: c["mil"].update(val_fraction=0.5),
+            r"config: mil\.val_fraction: 0\.5 is greater than or equal to the maximum",
+        ),
     ],
 )
 def test_bad_config_names_the_key(shipped, edit, message):
@@ -143,7 +167,9 @@ def test_encoder_specs_carry_checkpoint_and_custom_entries(shipped, tmp_path, mo
     config = copy.deepcopy(shipped)
     config["encoders"] = ["uni", "mine"]
     config["encoder_weights"] = {"uni": str(checkpoint)}
-    config["custom_encoders"] = {"mine": {"factory": "my_encoders:build", "input_px": 224, "embed_dim": 64, "readout": "output"}}
+    config["custom_encoders"] = {
+        "mine": {"factory": "my_encoders:build", "input_px": 224, "embed_dim": 64, "readout": "output"}
+    }
     checked = wsiconfig.validate_config(config)
     assert wsiconfig.encoder_spec(checked, "uni") == {"name": "uni", "checkpoint": str(checkpoint), "custom": None}
     assert wsiconfig.encoder_spec(checked, "mine")["custom"]["factory"] == "my_encoders:build"
@@ -175,9 +201,18 @@ def test_attention_selection_names_a_mil_model_defaulting_to_the_first(shipped):
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"selection": "attention", "mil": "transmil"}, r"config: attacks\.gray\.mil: 'transmil' is not one of mil\.models \(abmil\)"),
-        ({"selection": "random", "mil": "abmil"}, r"config: attacks\.gray\.mil: only attacks with selection 'attention' or objective 'mil_cross_entropy'"),
-        ({"objective": "mil_cross_entropy", "selection": "vulnerability"}, r"config: attacks\.gray\.selection: the vulnerability probe .* cannot use objective 'mil_cross_entropy'"),
+        (
+            {"selection": "attention", "mil": "transmil"},
+            r"config: attacks\.gray\.mil: 'transmil' is not one of mil\.models \(abmil\)",
+        ),
+        (
+            {"selection": "random", "mil": "abmil"},
+            r"config: attacks\.gray\.mil: only attacks with selection 'attention' or objective 'mil_cross_entropy'",
+        ),
+        (
+            {"objective": "mil_cross_entropy", "selection": "vulnerability"},
+            r"config: attacks\.gray\.selection: the vulnerability probe .* cannot use objective 'mil_cross_entropy'",
+        ),
         ({"objective": "cross_entropy"}, r"config: attacks\.gray\.objective: 'cross_entropy' is not one of"),
     ],
 )
@@ -198,8 +233,12 @@ def test_the_oracle_objective_is_used_only_when_asked_for(shipped):
 def test_sweep_entries_are_checked_against_the_attack_schema(shipped):
     config = copy.deepcopy(shipped)
     config["sweep"] = {"methods": ["pgd"], "eps": ["4/255"], "selections": ["attention"], "base": {"mil": "transmil"}}
-    with pytest.raises(ConfigError, match=r"config: sweep \(pgd_eps4_f0\.001_attention\)\.mil: 'transmil' is not one of mil\.models"):
+    with pytest.raises(
+        ConfigError, match=r"config: sweep \(pgd_eps4_f0\.001_attention\)\.mil: 'transmil' is not one of mil\.models"
+    ):
         wsiconfig.validate_config(config)
     config["sweep"]["base"] = {"restarts": 0}
-    with pytest.raises(ConfigError, match=r"config: sweep \(pgd_eps4_f0\.001_attention\)\.restarts: 0 is less than the minimum of 1"):
+    with pytest.raises(
+        ConfigError, match=r"config: sweep \(pgd_eps4_f0\.001_attention\)\.restarts: 0 is less than the minimum of 1"
+    ):
         wsiconfig.validate_config(config)

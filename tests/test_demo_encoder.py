@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-
 from wsiattack.encoders import demo_training, registry
 from wsiattack.encoders.model import build_encoder
 from wsiattack.errors import EncoderError
@@ -20,7 +19,9 @@ from wsiattack.errors import EncoderError
 SPEC = registry.get_spec("demo_trained")
 BUNDLED = registry.BUNDLED_DIR / str(SPEC.bundled_file)
 # A few seconds of training: enough to check determinism, not quality.
-QUICK = demo_training.TrainingConfig(n_slides=2, n_held_out_slides=1, tiles_per_slide=4, slide_px=1120, steps=2, batch_size=4, warmup_steps=1)
+QUICK = demo_training.TrainingConfig(
+    n_slides=2, n_held_out_slides=1, tiles_per_slide=4, slide_px=1120, steps=2, batch_size=4, warmup_steps=1
+)
 
 
 def bundled_metadata() -> dict[str, str]:
@@ -30,7 +31,9 @@ def bundled_metadata() -> dict[str, str]:
 
 def evaluation_tiles(n_slides: int = 3) -> demo_training.TileSet:
     """Tiles of the encoder-training stream's evaluation split: seen by neither training nor model selection."""
-    return demo_training.render_tiles(seed=0, split=demo_training.EVALUATION_SPLIT, n_slides=n_slides, tiles_per_slide=24, slide_px=2240, threads=2)
+    return demo_training.render_tiles(
+        seed=0, split=demo_training.EVALUATION_SPLIT, n_slides=n_slides, tiles_per_slide=24, slide_px=2240, threads=2
+    )
 
 
 def test_the_bundled_checkpoint_was_made_by_the_script_with_its_defaults():
@@ -38,7 +41,9 @@ def test_the_bundled_checkpoint_was_made_by_the_script_with_its_defaults():
     assert json.loads(metadata["training"]) == asdict(demo_training.TrainingConfig())
     assert metadata["encoder"] == "demo_trained" and metadata["architecture"] == SPEC.architecture
     assert json.loads(metadata["build_kwargs"]) == dict(SPEC.build_kwargs)
-    assert metadata["command"].startswith("python -m wsiattack.encoders.demo_training --out demo_trained.safetensors --seed 0")
+    assert metadata["command"].startswith(
+        "python -m wsiattack.encoders.demo_training --out demo_trained.safetensors --seed 0"
+    )
     assert float(metadata["held_out_accuracy"]) > 0.9 and BUNDLED.stat().st_size <= 5_000_000  # the issue's 5 MB cap
 
 
@@ -63,7 +68,10 @@ def test_the_bundled_encoder_loads_through_the_registry_and_separates_tumour_fro
 
 def test_missing_bundled_weights_name_the_encoder_and_the_rebuild_command(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "BUNDLED_DIR", tmp_path)
-    with pytest.raises(EncoderError, match=r"encoder 'demo_trained': its bundled weights .* are missing.*python -m wsiattack\.encoders\.demo_training"):
+    with pytest.raises(
+        EncoderError,
+        match=r"encoder 'demo_trained': its bundled weights .* are missing.*python -m wsiattack\.encoders\.demo_training",
+    ):
         build_encoder("demo_trained")
 
 
@@ -93,7 +101,9 @@ def test_retraining_with_the_recorded_command_reproduces_the_bundled_checkpoint(
     bundled = load_file(str(BUNDLED))
     retrained = {k: v.float() for k, v in result.backbone.state_dict().items()}
     assert set(retrained) == set(bundled)
-    same_machine = metadata["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and metadata["torch"] == torch.__version__
+    same_machine = (
+        metadata["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and metadata["torch"] == torch.__version__
+    )
     if same_machine:
         assert all(torch.equal(retrained[k], bundled[k]) for k in bundled)
         return

@@ -10,7 +10,6 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
-
 from wsiattack.encoders import registry
 from wsiattack.encoders.model import TileEncoder, build_architecture, build_encoder
 from wsiattack.errors import EncoderError
@@ -38,7 +37,19 @@ def no_hub_access(monkeypatch, tmp_path):
 
 
 def test_registry_holds_the_target_encoders_with_sources():
-    assert set(registry.ENCODERS) == {"demo", "demo_trained", "uni", "uni2_h", "virchow2", "prov_gigapath", "h_optimus_0", "h_optimus_1", "phikon_v2", "conch_v1_5", "resnet50_trunc"}
+    assert set(registry.ENCODERS) == {
+        "demo",
+        "demo_trained",
+        "uni",
+        "uni2_h",
+        "virchow2",
+        "prov_gigapath",
+        "h_optimus_0",
+        "h_optimus_1",
+        "phikon_v2",
+        "conch_v1_5",
+        "resnet50_trunc",
+    }
     for name, spec in registry.ENCODERS.items():
         assert spec.name == name and spec.readout in registry.READOUTS and spec.precision in registry.PRECISIONS
         if name == "demo_trained":  # trained by a script here, shipped in the package
@@ -95,17 +106,31 @@ def test_resnet50_trunc_is_cut_after_layer3_and_pools_to_1024():
     assert out.shape == (2, 1024)
 
 
-@pytest.mark.parametrize(("name", "install"), [("phikon_v2", "pip install transformers==5.23.0"), ("conch_v1_5", "pip install git+https://github.com/mahmoodlab/TRIDENT.git")])
+@pytest.mark.parametrize(
+    ("name", "install"),
+    [
+        ("phikon_v2", "pip install transformers==5.23.0"),
+        ("conch_v1_5", "pip install git+https://github.com/mahmoodlab/TRIDENT.git"),
+    ],
+)
 def test_loader_package_missing_says_what_to_install(name, install, tmp_path):
     checkpoint = tmp_path / "w.safetensors"
     checkpoint.write_bytes(b"")
-    for attempt in (lambda: build_encoder(name, checkpoint=str(checkpoint)), lambda: registry.preflight(name, checkpoint=None)):
-        with pytest.raises(EncoderError, match=rf"encoder '{name}' needs the package .*which is not installed: {re.escape(install)}"):
+    for attempt in (
+        lambda: build_encoder(name, checkpoint=str(checkpoint)),
+        lambda: registry.preflight(name, checkpoint=None),
+    ):
+        with pytest.raises(
+            EncoderError, match=rf"encoder '{name}' needs the package .*which is not installed: {re.escape(install)}"
+        ):
             attempt()
 
 
 def test_preflight_refuses_a_gated_model_without_token(no_hub_access):
-    with pytest.raises(EncoderError, match=r"encoder 'uni2_h': its weights are gated .* terms at https://huggingface.co/MahmoodLab/UNI2-h and set HF_TOKEN .* or set a local checkpoint path"):
+    with pytest.raises(
+        EncoderError,
+        match=r"encoder 'uni2_h': its weights are gated .* terms at https://huggingface.co/MahmoodLab/UNI2-h and set HF_TOKEN .* or set a local checkpoint path",
+    ):
         registry.preflight("uni2_h", checkpoint=None)
     registry.preflight("resnet50_trunc", checkpoint=None)  # not gated
     registry.preflight("demo", checkpoint=None)
@@ -144,7 +169,16 @@ def test_registry_and_preflight_do_not_import_torch(tmp_path):
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True)
 
 
-CUSTOM = {"factory": "mypkg.models:build", "input_px": 224, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "embed_dim": 768, "readout": "cls+mean", "precision": "bfloat16", "kwargs": {"depth": 2}}
+CUSTOM = {
+    "factory": "mypkg.models:build",
+    "input_px": 224,
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.25, 0.25, 0.25],
+    "embed_dim": 768,
+    "readout": "cls+mean",
+    "precision": "bfloat16",
+    "kwargs": {"depth": 2},
+}
 
 
 def test_custom_spec_from_a_mapping():
@@ -160,7 +194,10 @@ def test_custom_spec_from_a_mapping():
     ("change", "message"),
     [
         ({"epochs": 3}, r"unknown key 'epochs' \(allowed: factory, input_px"),
-        ({"factory": "mypkg.models.build"}, r"factory: 'mypkg.models.build' is not of the form 'package.module:function'"),
+        (
+            {"factory": "mypkg.models.build"},
+            r"factory: 'mypkg.models.build' is not of the form 'package.module:function'",
+        ),
         ({"readout": "mean"}, r"readout: 'mean' is not one of cls, cls\+mean, pooled, output"),
         ({"input_px": 0}, r"input_px: 0 is not a positive integer"),
         ({"embed_dim": True}, r"embed_dim: True is not a positive integer"),
@@ -185,5 +222,8 @@ def test_custom_spec_name_and_required_keys():
 
 
 def test_custom_factory_module_missing_fails_preflight():
-    with pytest.raises(EncoderError, match=r"custom encoder 'mine': cannot find module 'mypkg.models' .* install it or add it to PYTHONPATH"):
+    with pytest.raises(
+        EncoderError,
+        match=r"custom encoder 'mine': cannot find module 'mypkg.models' .* install it or add it to PYTHONPATH",
+    ):
         registry.preflight("mine", checkpoint=None, custom=CUSTOM)

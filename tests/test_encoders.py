@@ -15,11 +15,17 @@ import torch.nn.functional as F
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
 from safetensors.torch import save_file
 from torch import nn
-
 from wsiattack import extraction, runtime, stores
 from wsiattack.encoders import registry, weights
 from wsiattack.encoders.model import (
-    TileEncoder, _device_pixels, build_architecture, build_encoder, embed_tiles, iter_batches, state_dict_sha256, to_unit_pixels,
+    TileEncoder,
+    _device_pixels,
+    build_architecture,
+    build_encoder,
+    embed_tiles,
+    iter_batches,
+    state_dict_sha256,
+    to_unit_pixels,
 )
 from wsiattack.errors import ConfigError, EncoderError
 
@@ -41,6 +47,7 @@ def normalise(x, spec):
 
 
 # --- the wrapper --------------------------------------------------------------------------------
+
 
 def test_demo_encoder_is_seeded_frozen_and_in_eval_mode(demo):
     again = build_encoder("demo")
@@ -108,6 +115,7 @@ def test_wrapper_is_differentiable_in_pixel_space(demo):
 
 # --- custom factories ---------------------------------------------------------------------------
 
+
 class TinyEncoder(nn.Module):
     """forward(x) -> (B, D): a strided conv and global average pooling."""
 
@@ -124,7 +132,15 @@ def tiny_factory(width: int = 8) -> nn.Module:
     return TinyEncoder(width)
 
 
-TINY = {"factory": f"{__name__}:tiny_factory", "input_px": 64, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4], "embed_dim": 6, "readout": "output", "kwargs": {"width": 6}}
+TINY = {
+    "factory": f"{__name__}:tiny_factory",
+    "input_px": 64,
+    "mean": [0.5, 0.4, 0.3],
+    "std": [0.2, 0.3, 0.4],
+    "embed_dim": 6,
+    "readout": "output",
+    "kwargs": {"width": 6},
+}
 
 
 def test_custom_factory_output_readout():
@@ -145,11 +161,14 @@ def test_custom_factory_errors():
     with pytest.raises(EncoderError, match=rf"module '{__name__}' has no function 'nope'"):
         build_encoder("tiny", custom={**TINY, "factory": f"{__name__}:nope"})
     wrong_dim = build_encoder("tiny", custom={**TINY, "embed_dim": 7})
-    with pytest.raises(EncoderError, match=r"s1: encoder 'tiny' returned embeddings of shape \(2, 6\) but its spec says embed_dim 7"):
+    with pytest.raises(
+        EncoderError, match=r"s1: encoder 'tiny' returned embeddings of shape \(2, 6\) but its spec says embed_dim 7"
+    ):
         embed_tiles(wrong_dim, np.zeros((2, 64, 64, 3), np.uint8), batch_size=2, device=torch.device("cpu"), label="s1")
 
 
 # --- local checkpoints --------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def demo_state():
@@ -181,7 +200,10 @@ def test_checkpoint_folder_and_wrapped_state_dict(demo_state, tmp_path):
 def test_truncated_resnet_drops_layer4_and_fc_of_a_full_checkpoint(tmp_path):
     torch.manual_seed(1)
     full = dict(build_architecture(registry.get_spec("resnet50_trunc")).state_dict())
-    full |= {"layer4.0.conv1.weight": torch.ones(512, 1024, 1, 1), "fc.weight": torch.ones(1000, 2048)}  # as in timm/resnet50.tv_in1k
+    full |= {
+        "layer4.0.conv1.weight": torch.ones(512, 1024, 1, 1),
+        "fc.weight": torch.ones(1000, 2048),
+    }  # as in timm/resnet50.tv_in1k
     save_file(full, tmp_path / "resnet50.safetensors")
     encoder = build_encoder("resnet50_trunc", checkpoint=str(tmp_path / "resnet50.safetensors"))
     assert torch.equal(encoder.backbone.layer3[0].conv1.weight, full["layer3.0.conv1.weight"])
@@ -191,7 +213,10 @@ def test_truncated_resnet_drops_layer4_and_fc_of_a_full_checkpoint(tmp_path):
 def test_mismatched_checkpoint_is_one_clear_error(demo_state, tmp_path):
     wider = {**demo_state, "blocks.0.mlp.fc1.weight": torch.zeros(1536, 384)}  # a ViT-S block
     save_file(wider, tmp_path / "vits.safetensors")
-    with pytest.raises(EncoderError, match=r"encoder 'demo': checkpoint local:.*vits.safetensors does not match the architecture vit_tiny_patch16_224: 1 shape mismatch\(es\) \(e.g. blocks.0.mlp.fc1.weight: checkpoint \(1536, 384\) vs model \(768, 192\)\).*set a local checkpoint path"):
+    with pytest.raises(
+        EncoderError,
+        match=r"encoder 'demo': checkpoint local:.*vits.safetensors does not match the architecture vit_tiny_patch16_224: 1 shape mismatch\(es\) \(e.g. blocks.0.mlp.fc1.weight: checkpoint \(1536, 384\) vs model \(768, 192\)\).*set a local checkpoint path",
+    ):
         build_encoder("demo", checkpoint=str(tmp_path / "vits.safetensors"))
     partial = {k: v for k, v in demo_state.items() if not k.startswith("blocks.11.")}
     save_file(partial, tmp_path / "partial.safetensors")
@@ -206,17 +231,22 @@ class NotATensor:
 
 def test_arbitrary_pickles_and_foreign_files_are_refused(tmp_path):
     torch.save({"weight": NotATensor()}, tmp_path / "pickle.pth")
-    with pytest.raises(EncoderError, match=r"is not a plain state dict of tensors and arbitrary pickles are not loaded"):
+    with pytest.raises(
+        EncoderError, match=r"is not a plain state dict of tensors and arbitrary pickles are not loaded"
+    ):
         build_encoder("demo", checkpoint=str(tmp_path / "pickle.pth"))
     (tmp_path / "weights.npz").write_bytes(b"PK")
     with pytest.raises(EncoderError, match=r"weights.npz is not a .safetensors/.bin/.pth/.pt file"):
         build_encoder("demo", checkpoint=str(tmp_path / "weights.npz"))
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00")
-    with pytest.raises(EncoderError, match=r"cannot read checkpoint .*cut.safetensors .*check that the file is complete"):
+    with pytest.raises(
+        EncoderError, match=r"cannot read checkpoint .*cut.safetensors .*check that the file is complete"
+    ):
         build_encoder("demo", checkpoint=str(tmp_path / "cut.safetensors"))
 
 
 # --- the hub and the token ----------------------------------------------------------------------
+
 
 @pytest.fixture
 def hub_demo(demo_state, tmp_path):
@@ -230,7 +260,10 @@ def test_gated_model_without_token_fails_before_any_work(monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(weights, "hf_hub_download", pytest.fail)  # no download attempt
-    with pytest.raises(EncoderError, match=r"encoder 'virchow2': its weights are gated on the Hugging Face Hub: accept the model's terms at https://huggingface.co/paige-ai/Virchow2 and set HF_TOKEN"):
+    with pytest.raises(
+        EncoderError,
+        match=r"encoder 'virchow2': its weights are gated on the Hugging Face Hub: accept the model's terms at https://huggingface.co/paige-ai/Virchow2 and set HF_TOKEN",
+    ):
         build_encoder("virchow2")
 
 
@@ -251,7 +284,14 @@ def test_hub_weights_use_the_token_and_never_record_it(hub_demo, monkeypatch, tm
     assert seen == [("org/tiny", "model.safetensors", CANARY)]
     assert encoder.weights_id.startswith("sha256:") and encoder.describe()["weights_source"] == "hf-hub:org/tiny"
     tiles = stores_with_tiles(tmp_path, n=3)
-    extraction.extract_slide(slide_id="s1", tiles_store=tiles, encoder=encoder, batch_size=2, device=torch.device("cpu"), out_store=tmp_path / "f.zarr")
+    extraction.extract_slide(
+        slide_id="s1",
+        tiles_store=tiles,
+        encoder=encoder,
+        batch_size=2,
+        device=torch.device("cpu"),
+        out_store=tmp_path / "f.zarr",
+    )
     attrs = dict(stores.open_store(tmp_path / "f.zarr", kind=stores.FEATURES).attrs)
     assert attrs["weights_id"] == encoder.weights_id
     for text in (json.dumps(encoder.describe()), json.dumps(attrs), caplog.text, repr(encoder)):
@@ -265,10 +305,14 @@ def test_hub_errors_say_what_to_do(hub_demo, monkeypatch):
     def gated(repo_id, filename, *, token, local_files_only=False):
         if local_files_only:
             raise LocalEntryNotFoundError("not cached")
-        raise GatedRepoError("403 gated", response=httpx2.Response(403, request=httpx2.Request("GET", "https://huggingface.co")))
+        raise GatedRepoError(
+            "403 gated", response=httpx2.Response(403, request=httpx2.Request("GET", "https://huggingface.co"))
+        )
 
     monkeypatch.setattr(weights, "hf_hub_download", gated)
-    with pytest.raises(EncoderError, match=r"accept the model's terms at https://huggingface.co/org/tiny and set HF_TOKEN") as error:
+    with pytest.raises(
+        EncoderError, match=r"accept the model's terms at https://huggingface.co/org/tiny and set HF_TOKEN"
+    ) as error:
         build_encoder("demo", custom=spec)
     assert CANARY not in str(error.value)
 
@@ -276,7 +320,10 @@ def test_hub_errors_say_what_to_do(hub_demo, monkeypatch):
         raise LocalEntryNotFoundError("no connection")
 
     monkeypatch.setattr(weights, "hf_hub_download", offline)
-    with pytest.raises(EncoderError, match=r"cannot reach the Hugging Face Hub to download org/tiny/model.safetensors and it is not in the local cache"):
+    with pytest.raises(
+        EncoderError,
+        match=r"cannot reach the Hugging Face Hub to download org/tiny/model.safetensors and it is not in the local cache",
+    ):
         build_encoder("demo", custom=spec)
 
 
@@ -297,7 +344,11 @@ def test_transformers_loader_wraps_the_model_and_loads_its_checkpoint(monkeypatc
 
         def forward(self, pixel_values):
             patches = self.patch(pixel_values).flatten(2).transpose(1, 2)
-            return types.SimpleNamespace(last_hidden_state=torch.cat([self.cls.expand(len(patches), -1, -1) + patches.mean(1, keepdim=True), patches], 1))
+            return types.SimpleNamespace(
+                last_hidden_state=torch.cat(
+                    [self.cls.expand(len(patches), -1, -1) + patches.mean(1, keepdim=True), patches], 1
+                )
+            )
 
     monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(Dinov2Model=Dinov2Model))
     reference = Dinov2Model(Config(1024, 16))
@@ -305,11 +356,14 @@ def test_transformers_loader_wraps_the_model_and_loads_its_checkpoint(monkeypatc
     encoder = build_encoder("phikon_v2", checkpoint=str(tmp_path))
     x = unit(2, 3, 224, 224, seed=6)
     with torch.no_grad():
-        torch.testing.assert_close(encoder(x), reference(pixel_values=normalise(x, encoder.spec)).last_hidden_state[:, 0])
+        torch.testing.assert_close(
+            encoder(x), reference(pixel_values=normalise(x, encoder.spec)).last_hidden_state[:, 0]
+        )
     assert encoder.weights_id == f"sha256:{state_dict_sha256(reference)[:16]}"
 
 
 # --- the extraction loop ------------------------------------------------------------------------
+
 
 def stores_with_tiles(tmp_path, *, n):
     tiles = np.random.default_rng(0).integers(0, 256, size=(n, 224, 224, 3), dtype=np.uint8)
@@ -338,7 +392,14 @@ def test_prefetching_batches_cover_the_array_in_order():
 def test_extract_slide_matches_a_direct_forward_pass_and_logs_progress(demo, tmp_path, caplog):
     tiles_store = stores_with_tiles(tmp_path, n=5)
     caplog.set_level(logging.INFO, logger="wsiattack")
-    n = extraction.extract_slide(slide_id="s1", tiles_store=tiles_store, encoder=demo, batch_size=2, device=torch.device("cpu"), out_store=tmp_path / "f.zarr")
+    n = extraction.extract_slide(
+        slide_id="s1",
+        tiles_store=tiles_store,
+        encoder=demo,
+        batch_size=2,
+        device=torch.device("cpu"),
+        out_store=tmp_path / "f.zarr",
+    )
     group = stores.open_store(tmp_path / "f.zarr", kind=stores.FEATURES)
     with torch.no_grad():
         direct = demo(to_unit_pixels(stores.open_store(tiles_store, kind=stores.TILES)["tiles"][...])).numpy()
@@ -397,7 +458,9 @@ def test_each_gpu_job_claims_its_own_gpu_and_frees_it_when_it_ends(monkeypatch, 
     from pathlib import Path
 
     env = {**os.environ, "PYTHONPATH": str(Path(runtime.__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True, env=env
+    ).stdout.strip()
     assert out == "cuda:1"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert runtime.claim_gpu(lock_dir=str(tmp_path)) == torch.device("cuda")  # one visible GPU: no lock
@@ -413,4 +476,7 @@ def test_an_encoder_that_rescales_the_tiles_is_named_in_a_warning(caplog):
         assert not warn_on_rescaled_tiles(conch, tile_px=448, label="slide_1")
         assert not warn_on_rescaled_tiles(registry.get_spec("demo"), tile_px=224, label="slide_1")
     assert len(caplog.records) == 1
-    assert "slide_1: encoder 'conch_v1_5' takes 448 px input but the tiles are 224 px" in caplog.text and "set tiling.tile_px to 448" in caplog.text
+    assert (
+        "slide_1: encoder 'conch_v1_5' takes 448 px input but the tiles are 224 px" in caplog.text
+        and "set tiling.tile_px to 448" in caplog.text
+    )

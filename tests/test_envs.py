@@ -40,7 +40,9 @@ def rule_envs_and_scripts() -> list[tuple[str, Path, Path]]:
             script = re.search(r'script:\s*\n\s*"([^"]+)"', block)
             if rule:
                 assert env and script, f"rule {rule.group(1)} in {smk.name} needs conda: and script:"
-                found.append((rule.group(1), (smk.parent / env.group(1)).resolve(), (smk.parent / script.group(1)).resolve()))
+                found.append(
+                    (rule.group(1), (smk.parent / env.group(1)).resolve(), (smk.parent / script.group(1)).resolve())
+                )
     return found
 
 
@@ -69,14 +71,25 @@ def third_party_imports(script: Path) -> set[str]:
             continue
         seen.add(path)
         for node in module_level_imports(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                else []
+            )
             for name in names:
                 top = name.split(".")[0]
                 if top == "wsiattack":
                     module = LIBRARY / Path(*name.split("."))
                     todo.extend(p for p in (module.with_suffix(".py"), module / "__init__.py") if p.exists())
                     if isinstance(node, ast.ImportFrom):  # from wsiattack import a, b
-                        todo.extend(p for a in node.names for p in ((module / a.name).with_suffix(".py"), module / a.name / "__init__.py") if p.exists())
+                        todo.extend(
+                            p
+                            for a in node.names
+                            for p in ((module / a.name).with_suffix(".py"), module / a.name / "__init__.py")
+                            if p.exists()
+                        )
                 elif top not in sys.stdlib_module_names and top != "__future__":
                     external.add(top)
     return external
@@ -86,13 +99,26 @@ def test_env_pins_equal_requirements():
     pins = requirement_pins()
     for env in (ROOT / "envs").glob("*.yaml"):
         for name, version in env_pins(env).items():
-            assert pins.get(name) == version, f"{env.name}: {name}=={version} but requirements.txt pins {pins.get(name)}"
+            assert pins.get(name) == version, (
+                f"{env.name}: {name}=={version} but requirements.txt pins {pins.get(name)}"
+            )
         assert "python=3.11" in yaml.safe_load(env.read_text())["dependencies"]
 
 
 def test_every_rule_env_has_what_its_script_imports():
     rules = rule_envs_and_scripts()
-    assert {r for r, _, _ in rules} >= {"demo_cohort", "tile", "extract", "attack", "split", "train_mil", "evaluate", "summarize", "plot_metrics", "plot_examples"}
+    assert {r for r, _, _ in rules} >= {
+        "demo_cohort",
+        "tile",
+        "extract",
+        "attack",
+        "split",
+        "train_mil",
+        "evaluate",
+        "summarize",
+        "plot_metrics",
+        "plot_examples",
+    }
     for rule, env, script in rules:
         available = set(env_pins(env))
         needed = {DISTRIBUTIONS.get(m, m).lower() for m in third_party_imports(script)}

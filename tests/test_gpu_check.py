@@ -28,7 +28,11 @@ def test_bound_check_counts_grey_levels_exactly():
     over = clean.copy()
     over[1, 0, 0, 0] += 2  # one value 2 grey levels off
     store = {"index": np.array([1]), "adv_tiles": over[1:]}
-    assert check._bound_failures("x", store, {"method": "pgd", "norm": "linf", "eps": 1 / 255}, clean_tiles=clean) == ["x: 2 grey levels over the L∞ bound 1"]
+    assert check._bound_failures("x", store, {"method": "pgd", "norm": "linf", "eps": 1 / 255}, clean_tiles=clean) == [
+        "x: 2 grey levels over the L∞ bound 1"
+    ]
     assert check._bound_failures("x", store, {"method": "pgd", "norm": "linf", "eps": 2 / 255}, clean_tiles=clean) == []
     # L2: radius eps·sqrt(48) in [0,1] units; 2 grey levels² = 4 > floor((0.25/255·sqrt(48)·255)²) = 3
-    assert check._bound_failures("x", store, {"method": "cw", "eps": 0.25 / 255}, clean_tiles=clean) == ["x: 4 squared grey levels over the L2 budget 3"]
+    assert check._bound_failures("x", store, {"method": "cw", "eps": 0.25 / 255}, clean_tiles=clean) == [
+        "x: 4 squared grey levels over the L2 budget 3"
+    ]

@@ -2,7 +2,6 @@
 
 import pandas as pd
 import pytest
-
 from wsiattack.attacks.sweep import expand_sweep
 from wsiattack.errors import ConfigError
 from wsiattack.gridtable import grid_cells, markdown_tables
@@ -15,9 +14,33 @@ def summary_of(entries: dict, *, skip: str | None = None) -> pd.DataFrame:
     for i, name in enumerate(entries):
         if name == skip:
             continue
-        for metric, attacked, drop in (("accuracy", 0.9, 0.1 * i), ("flip_rate", 0.05 * i, -0.05 * i), ("tile_cosine_distance", 0.001 * (i + 1), 0.0)):
-            rows.append({"encoder": "demo", "mil": "abmil", "attack": name, "metric": metric, "clean": 1.0, "attacked": attacked, "drop": drop})
-    rows.append({"encoder": "demo", "mil": "abmil", "attack": "other", "metric": "accuracy", "clean": 1.0, "attacked": 1.0, "drop": 0.0})
+        for metric, attacked, drop in (
+            ("accuracy", 0.9, 0.1 * i),
+            ("flip_rate", 0.05 * i, -0.05 * i),
+            ("tile_cosine_distance", 0.001 * (i + 1), 0.0),
+        ):
+            rows.append(
+                {
+                    "encoder": "demo",
+                    "mil": "abmil",
+                    "attack": name,
+                    "metric": metric,
+                    "clean": 1.0,
+                    "attacked": attacked,
+                    "drop": drop,
+                }
+            )
+    rows.append(
+        {
+            "encoder": "demo",
+            "mil": "abmil",
+            "attack": "other",
+            "metric": "accuracy",
+            "clean": 1.0,
+            "attacked": 1.0,
+            "drop": 0.0,
+        }
+    )
     return pd.DataFrame(rows)
 
 

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
-
 from wsiattack.metrics import classification_metrics, summarize_attack
 
 CLASSES = ["normal", "tumor"]
@@ -185,7 +184,13 @@ def test_vectorised_bootstrap_equals_sklearn_on_every_resample(n_classes: int, n
         return p / p.sum(axis=1, keepdims=True)
 
     clean, attacked = probabilities(), probabilities()
-    paired = _PairedPredictions(y_true=y_true, clean_prob=clean, attacked_prob=attacked, clean_pred=clean.argmax(1), attacked_pred=attacked.argmax(1))
+    paired = _PairedPredictions(
+        y_true=y_true,
+        clean_prob=clean,
+        attacked_prob=attacked,
+        clean_pred=clean.argmax(1),
+        attacked_pred=attacked.argmax(1),
+    )
     draws = np.random.default_rng(7).integers(0, n_slides, size=(200, n_slides))
     expected = []
     for rows in draws:
@@ -202,14 +207,24 @@ def test_flip_rate_interval_is_exact_clopper_pearson(eval_df: pd.DataFrame) -> N
 
     summary = summarize_attack(eval_df, classes=CLASSES, n_bootstrap=50, seed=0).set_index("metric")
     exact = binomtest(4, 10).proportion_ci(confidence_level=0.95, method="exact")  # 4 of 10 flipped
-    assert summary.loc["flip_rate", ["drop_ci_low", "drop_ci_high"]].tolist() == pytest.approx([-exact.high, -exact.low])
-    unmoved = eval_df.assign(**{c: eval_df[c.replace("attacked", "clean")] for c in eval_df.columns if c.startswith("attacked")})
+    assert summary.loc["flip_rate", ["drop_ci_low", "drop_ci_high"]].tolist() == pytest.approx(
+        [-exact.high, -exact.low]
+    )
+    unmoved = eval_df.assign(
+        **{c: eval_df[c.replace("attacked", "clean")] for c in eval_df.columns if c.startswith("attacked")}
+    )
     none = summarize_attack(unmoved, classes=CLASSES, n_bootstrap=50, seed=0).set_index("metric").loc["flip_rate"]
     # 0 of 10 flipped: the interval still admits a flip rate of up to 30.8 %, not [0, 0]
-    assert none["drop"] == 0 and none["drop_ci_high"] == 0 and none["drop_ci_low"] == pytest.approx(-(1 - 0.025 ** (1 / 10)))
+    assert (
+        none["drop"] == 0
+        and none["drop_ci_high"] == 0
+        and none["drop_ci_low"] == pytest.approx(-(1 - 0.025 ** (1 / 10)))
+    )
     from wsiattack.metrics import clopper_pearson
 
-    assert clopper_pearson(0, 20)[1] == pytest.approx(1 - 0.025 ** (1 / 20)) and clopper_pearson(0, 20)[1] >= 0.15  # 0.168
+    assert (
+        clopper_pearson(0, 20)[1] == pytest.approx(1 - 0.025 ** (1 / 20)) and clopper_pearson(0, 20)[1] >= 0.15
+    )  # 0.168
 
 
 def test_bootstrap_resamples_patients_with_all_their_slides(eval_df: pd.DataFrame) -> None:

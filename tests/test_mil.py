@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-
 from wsiattack.mil import (
     MIL_MODELS,
     MILTrainingSpec,
@@ -342,8 +341,12 @@ HEAD_SPEC = {"epochs": 12, "lr": 2e-3, "weight_decay": 1e-4, "seed": 3}
 def trained_heads() -> dict[str, torch.nn.Module]:
     bags, labels, _ = _synthetic_bags(n_bags=80, seed=1)
     return {
-        name: train_mil(bags=bags, labels=labels, n_classes=2,
-                        spec=MILTrainingSpec(model=name, hparams={"hidden_dim": 32}, **HEAD_SPEC)).model
+        name: train_mil(
+            bags=bags,
+            labels=labels,
+            n_classes=2,
+            spec=MILTrainingSpec(model=name, hparams={"hidden_dim": 32}, **HEAD_SPEC),
+        ).model
         for name in HEADS
     }
 
@@ -378,14 +381,18 @@ def test_early_stopping_keeps_the_best_validation_epoch() -> None:
     bags, labels, _ = _synthetic_bags(n_bags=20, seed=5)
     val_bags, val_labels, _ = _synthetic_bags(n_bags=10, seed=6)
     noisy = [1 - label if i % 3 == 0 else label for i, label in enumerate(labels)]  # overfits: val loss turns
-    spec = MILTrainingSpec(model="abmil", epochs=60, lr=5e-3, weight_decay=0.0, seed=0, patience=3, hparams={"hidden_dim": 16})
+    spec = MILTrainingSpec(
+        model="abmil", epochs=60, lr=5e-3, weight_decay=0.0, seed=0, patience=3, hparams={"hidden_dim": 16}
+    )
     result = train_mil(bags=bags, labels=noisy, n_classes=2, spec=spec, val_bags=val_bags, val_labels=val_labels)
     assert result.epochs_run < spec.epochs
     assert result.epochs_run - result.best_epoch == spec.patience
     from wsiattack.mil.training import _class_balanced_weights, _mean_loss
 
     weights = _class_balanced_weights(torch.tensor(noisy), n_classes=2)
-    kept = _mean_loss(result.model, [torch.as_tensor(b) for b in val_bags], torch.tensor(val_labels), class_weights=weights)
+    kept = _mean_loss(
+        result.model, [torch.as_tensor(b) for b in val_bags], torch.tensor(val_labels), class_weights=weights
+    )
     assert kept == pytest.approx(result.best_val_loss, rel=1e-6)
     without = train_mil(bags=bags, labels=noisy, n_classes=2, spec=spec)
     assert (without.epochs_run, without.best_epoch, without.best_val_loss) == (60, 60, None)
@@ -404,7 +411,9 @@ def test_inner_validation_is_stratified_grouped_and_seeded() -> None:
 
 
 def test_inner_validation_refuses_too_few_slides_per_class() -> None:
-    with pytest.raises(ValueError, match=r"inner validation split \(val_fraction=0.2\).*class 'B' has 3 slides.*set it to 0"):
+    with pytest.raises(
+        ValueError, match=r"inner validation split \(val_fraction=0.2\).*class 'B' has 3 slides.*set it to 0"
+    ):
         inner_validation(_slides(10, 3), fraction=0.2, seed=0)
     with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 0.5\)"):
         inner_validation(_slides(10, 10), fraction=0.5, seed=0)

@@ -11,15 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from wsiattack import stores
 from wsiattack.attacks.oracle import MILHead, load_fold_head
 from wsiattack.attacks.params import normalise_attack, threat_marking
 from wsiattack.attacks.perturb import perturb_slide
 from wsiattack.attacks.selection import attention_scores, top_k_selection
+from wsiattack.encoders.model import build_encoder
 from wsiattack.errors import AttackError, StoreError
 from wsiattack.evaluation import evaluate_attack
-from wsiattack.encoders.model import build_encoder
 from wsiattack.extraction import extract_slide, reembed_slide
 from wsiattack.mil import MIL_MODELS, GatedABMIL, build_mil_model, save_mil_checkpoint
 from wsiattack.shards import partition, shard_of
@@ -53,11 +52,22 @@ def fold_head(fold: int) -> GatedABMIL:
 def slide(tmp_path):
     """Tiles store, clean features store (demo encoder) and the encoder of one 12-tile slide 's1'."""
     rng = np.random.default_rng(0)
-    tiles = np.clip(rng.permutation(np.linspace(40, 200, N_TILES))[:, None, None, None] + rng.normal(0, 12, (N_TILES, 32, 32, 3)), 0, 255).astype(np.uint8)
+    tiles = np.clip(
+        rng.permutation(np.linspace(40, 200, N_TILES))[:, None, None, None] + rng.normal(0, 12, (N_TILES, 32, 32, 3)),
+        0,
+        255,
+    ).astype(np.uint8)
     with stores.atomic_store(tmp_path / "tiles.zarr", kind=stores.TILES, attrs={"slide_id": "s1"}) as group:
         stores.create_tiles_array(group, n_tiles=N_TILES, tile_px=32)[...] = tiles
     encoder = build_encoder("demo")
-    extract_slide(slide_id="s1", tiles_store=tmp_path / "tiles.zarr", encoder=encoder, batch_size=16, device=CPU, out_store=tmp_path / "features.zarr")
+    extract_slide(
+        slide_id="s1",
+        tiles_store=tmp_path / "tiles.zarr",
+        encoder=encoder,
+        batch_size=16,
+        device=CPU,
+        out_store=tmp_path / "features.zarr",
+    )
     features = np.asarray(stores.open_store(tmp_path / "features.zarr", kind=stores.FEATURES)["features"][...])
     return tmp_path / "tiles.zarr", tmp_path / "features.zarr", encoder, features
 
@@ -65,7 +75,9 @@ def slide(tmp_path):
 @pytest.fixture
 def fold_heads(tmp_path):
     """Two folds' checkpoints; 's1' is a test slide of fold 1 (label tumor), 's2' of fold 0."""
-    pd.DataFrame({"slide_id": ["s1", "s2"], "label": ["tumor", "normal"], "patient_id": ["s1", "s2"], "fold": [1, 0]}).to_csv(tmp_path / "splits.csv", index=False)
+    pd.DataFrame(
+        {"slide_id": ["s1", "s2"], "label": ["tumor", "normal"], "patient_id": ["s1", "s2"], "fold": [1, 0]}
+    ).to_csv(tmp_path / "splits.csv", index=False)
     paths = []
     for fold, train in ((0, ["s1"]), (1, ["s2"])):
         path = tmp_path / "mil" / f"fold{fold}" / "model.safetensors"
@@ -75,7 +87,16 @@ def fold_heads(tmp_path):
 
 
 def spec(**changes):
-    entry = {"name": "x", "method": "pgd", "objective": "cosine", "eps": 8 / 255, "budget": {"fraction": K / N_TILES, "min_tiles": 1}, "selection": "random", "seed": 0, **changes}
+    entry = {
+        "name": "x",
+        "method": "pgd",
+        "objective": "cosine",
+        "eps": 8 / 255,
+        "budget": {"fraction": K / N_TILES, "min_tiles": 1},
+        "selection": "random",
+        "seed": 0,
+        **changes,
+    }
     if entry["selection"] == "attention" or entry["objective"] == "mil_cross_entropy":
         entry["mil"] = "abmil"
     return normalise_attack(entry, where="attacks.x")
@@ -83,7 +104,16 @@ def spec(**changes):
 
 def perturb(tmp_path, slide, entry, name, **kwargs):
     tiles, features, encoder, _ = slide
-    perturb_slide(slide_id="s1", tiles_store=tiles, encoder=encoder, spec=entry, out_store=tmp_path / name, device=CPU, features_store=features, **kwargs)
+    perturb_slide(
+        slide_id="s1",
+        tiles_store=tiles,
+        encoder=encoder,
+        spec=entry,
+        out_store=tmp_path / name,
+        device=CPU,
+        features_store=features,
+        **kwargs,
+    )
     return stores.open_store(tmp_path / name, kind=stores.ATTACK)
 
 
@@ -106,7 +136,9 @@ def test_the_head_is_the_one_of_the_slides_test_fold(fold_heads, tmp_path):
     save_mil_checkpoint(paths[1], model=fold_head(1), meta={"fold": 1, "classes": CLASSES, "train_slides": ["s1"]})
     with pytest.raises(StoreError, match="re-run train_mil"):  # a head that saw the slide is refused
         load_fold_head(slide_id="s1", splits_csv=splits, model_paths=paths)
-    save_mil_checkpoint(paths[1], model=fold_head(1), meta={"fold": 1, "classes": CLASSES, "train_slides": [], "val_slides": ["s1"]})
+    save_mil_checkpoint(
+        paths[1], model=fold_head(1), meta={"fold": 1, "classes": CLASSES, "train_slides": [], "val_slides": ["s1"]}
+    )
     with pytest.raises(StoreError, match="re-run train_mil"):  # so is one that early-stopped on it
         load_fold_head(slide_id="s1", splits_csv=splits, model_paths=paths)
 
@@ -137,7 +169,9 @@ def test_attention_selection_picks_the_folds_top_attention_tiles_and_is_marked(t
     other_fold = top_k_selection(attention_scores(head=fold_head(0), bag=features), k=K, what="t").index
     assert not np.array_equal(expected, other_fold)  # the choice of fold matters on this slide
     np.testing.assert_array_equal(store["index"][...], expected)
-    np.testing.assert_allclose(store["selection_score"][...], attention_scores(head=fold_head(1), bag=features)[expected], rtol=1e-6)
+    np.testing.assert_allclose(
+        store["selection_score"][...], attention_scores(head=fold_head(1), bag=features)[expected], rtol=1e-6
+    )
     assert store.attrs["label_free"] is False and store.attrs["threat_model"] == "gray-box"
     assert store.attrs["mil_head"] == {"model": "abmil", "fold": 1}
     with pytest.raises(AttackError, match="needs the trained MIL head of the slide's test fold"):
@@ -147,12 +181,23 @@ def test_attention_selection_picks_the_folds_top_attention_tiles_and_is_marked(t
 def test_oracle_objective_raises_the_slide_cross_entropy_beyond_noise(tmp_path, slide):
     _, _, encoder, features = slide
     target = 0
-    mil_head = MILHead(module=head(seed=3).requires_grad_(False), target=target, provenance={"model": "abmil", "fold": 0})
+    mil_head = MILHead(
+        module=head(seed=3).requires_grad_(False), target=target, provenance={"model": "abmil", "fold": 0}
+    )
     attack = perturb(tmp_path, slide, spec(objective="mil_cross_entropy", steps=10), "ce.zarr", mil_head=mil_head)
-    noise = perturb(tmp_path, slide, spec(objective="mil_cross_entropy", method="noise"), "noise.zarr", mil_head=mil_head)
+    noise = perturb(
+        tmp_path, slide, spec(objective="mil_cross_entropy", method="noise"), "noise.zarr", mil_head=mil_head
+    )
     np.testing.assert_array_equal(attack["index"][...], noise["index"][...])  # same seed, same tiles
     clean = slide_cross_entropy(mil_head.module, features, target=target)
-    reembed_slide(slide_id="s1", attack_store=tmp_path / "ce.zarr", encoder=encoder, batch_size=16, device=CPU, out_store=tmp_path / "re.zarr")
+    reembed_slide(
+        slide_id="s1",
+        attack_store=tmp_path / "ce.zarr",
+        encoder=encoder,
+        batch_size=16,
+        device=CPU,
+        out_store=tmp_path / "re.zarr",
+    )
     replaced = stores.open_store(tmp_path / "re.zarr", kind=stores.REEMBEDDED)
     bag = features.copy()
     bag[np.asarray(replaced["index"][...])] = np.asarray(replaced["features"][...])
@@ -164,9 +209,18 @@ def test_oracle_objective_raises_the_slide_cross_entropy_beyond_noise(tmp_path, 
 
 
 def test_threat_marking_is_decided_by_the_entry_alone():
-    assert threat_marking({"selection": "random", "objective": "cosine"}) == {"label_free": True, "threat_model": "white-box"}
-    assert threat_marking({"selection": "attention", "objective": "l2"}) == {"label_free": False, "threat_model": "gray-box"}
-    assert threat_marking({"selection": "centrality", "objective": "mil_cross_entropy"}) == {"label_free": False, "threat_model": "gray-box"}
+    assert threat_marking({"selection": "random", "objective": "cosine"}) == {
+        "label_free": True,
+        "threat_model": "white-box",
+    }
+    assert threat_marking({"selection": "attention", "objective": "l2"}) == {
+        "label_free": False,
+        "threat_model": "gray-box",
+    }
+    assert threat_marking({"selection": "centrality", "objective": "mil_cross_entropy"}) == {
+        "label_free": False,
+        "threat_model": "gray-box",
+    }
 
 
 def test_evaluation_rows_carry_the_marking(tmp_path, slide, fold_heads):
@@ -176,8 +230,21 @@ def test_evaluation_rows_carry_the_marking(tmp_path, slide, fold_heads):
     mil_head = load_fold_head(slide_id="s1", splits_csv=splits, model_paths=paths)
     for name, entry in (("att", spec(selection="attention")), ("rnd", spec())):
         perturb(tmp_path, slide, entry, f"{name}.zarr", mil_head=mil_head)
-        reembed_slide(slide_id="s1", attack_store=tmp_path / f"{name}.zarr", encoder=encoder, batch_size=16, device=CPU, out_store=tmp_path / name / "s1.zarr")
-        table = evaluate_attack(splits_csv=tmp_path / "s1_split.csv", model_paths=paths[1:], feature_stores=[_named(features_store, tmp_path)], reembedded_stores=[tmp_path / name / "s1.zarr"], classes=CLASSES)
+        reembed_slide(
+            slide_id="s1",
+            attack_store=tmp_path / f"{name}.zarr",
+            encoder=encoder,
+            batch_size=16,
+            device=CPU,
+            out_store=tmp_path / name / "s1.zarr",
+        )
+        table = evaluate_attack(
+            splits_csv=tmp_path / "s1_split.csv",
+            model_paths=paths[1:],
+            feature_stores=[_named(features_store, tmp_path)],
+            reembedded_stores=[tmp_path / name / "s1.zarr"],
+            classes=CLASSES,
+        )
         expected = (False, "gray-box") if name == "att" else (True, "white-box")
         assert tuple(table.loc[0, ["label_free", "threat_model"]]) == expected
         reembedded = stores.open_store(tmp_path / name / "s1.zarr", kind=stores.REEMBEDDED).attrs
@@ -197,7 +264,21 @@ def _named(features_store, tmp_path):
 
 
 def dry_run_jobs(workdir: Path, target: str) -> dict[str, int]:
-    command = [sys.executable, "-m", "snakemake", "-n", target, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        target,
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "1",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr

@@ -1,13 +1,15 @@
 """Planning a study: the dry run's job counts follow the study's factors; the estimate scales."""
 
 import pytest
-
 from wsiattack import planning
 
 COSTS = {
-    "extract_start_up_s": 10.0, "extract_s_per_tile": 0.01,
-    "attack_start_up_s": 20.0, "attack_s_per_gradient_evaluation": 0.05,
-    "tiles_per_slide": 1000.0, "gradient_evaluations_per_tile": 10.0,
+    "extract_start_up_s": 10.0,
+    "extract_s_per_tile": 0.01,
+    "attack_start_up_s": 20.0,
+    "attack_s_per_gradient_evaluation": 0.05,
+    "tiles_per_slide": 1000.0,
+    "gradient_evaluations_per_tile": 10.0,
 }
 
 
@@ -18,7 +20,9 @@ def test_estimate_is_start_up_per_job_plus_work_per_tile():
     assert hours["extract_hours"] * 3600 == pytest.approx(2 * (100 * 1000 * 0.01 + 4 * 10))
     # attack: 2 x 3 x (100 slides x 1 tile x 10 evaluations x 0.05 s + 4 jobs x 20 s)
     assert hours["attack_hours"] * 3600 == pytest.approx(6 * (100 * 1 * 10 * 0.05 + 4 * 20))
-    more = planning.estimate_hours(COSTS, n_slides=100, n_encoders=2, n_attacks=3, n_shards=4, fraction=0.01, tiles_per_slide=2000)
+    more = planning.estimate_hours(
+        COSTS, n_slides=100, n_encoders=2, n_attacks=3, n_shards=4, fraction=0.01, tiles_per_slide=2000
+    )
     assert more["attacked_tiles_per_slide"] == 20
 
 
@@ -34,6 +38,10 @@ def test_dry_run_of_a_small_study_counts_one_gpu_job_per_shard(tmp_path):
     report = planning.dry_run(tmp_path, config)
     jobs = report["jobs"]
     assert {rule: jobs[rule] for rule in ("tile", "extract", "attack", "train_mil", "evaluate")} == {
-        "tile": 4, "extract": 2 * 4, "attack": 2 * 3 * 4, "train_mil": 2 * 5, "evaluate": 2 * 3,
+        "tile": 4,
+        "extract": 2 * 4,
+        "attack": 2 * 3 * 4,
+        "train_mil": 2 * 5,
+        "evaluate": 2 * 3,
     }
     assert report["dag_build_s"] > 0 and report["peak_rss_mb"] > 50

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import zarr
 from small_tiny import write_small_tiny_config
-
 from wsiattack import stores
 from wsiattack.shards import partition
 
@@ -28,7 +27,22 @@ N_ATTACK_JOBS = N_SHARDS * len(ATTACKS)
 
 
 def snakemake_command(workdir: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "2", "--resources", "gpu=2"]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *args,
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=2",
+    ]
 
 
 def finished_attack_stores(workdir: Path) -> list[Path]:
@@ -37,7 +51,9 @@ def finished_attack_stores(workdir: Path) -> list[Path]:
 
 
 def run_until_attack_is_half_done(workdir: Path, *, timeout_s: float = 600) -> None:
-    process = subprocess.Popen(snakemake_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        snakemake_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while len(finished_attack_stores(workdir)) < 2:
@@ -98,7 +114,13 @@ def test_killed_during_attack_resumes_without_redoing_or_corrupting(tmp_path):
     for store_path in done_after:
         if store_path.suffix == ".zarr":  # every chunk of every store decodes
             group = zarr.open_group(store_path, mode="r")
-            assert group.attrs["kind"] in (stores.TILES, stores.FEATURES, stores.ATTACK, stores.REEMBEDDED, stores.TILE_WEIGHTS)
+            assert group.attrs["kind"] in (
+                stores.TILES,
+                stores.FEATURES,
+                stores.ATTACK,
+                stores.REEMBEDDED,
+                stores.TILE_WEIGHTS,
+            )
             for _, array in group.arrays():
                 array[...]
     dry = subprocess.run(snakemake_command(workdir, "--dry-run"), capture_output=True, text=True, timeout=120)

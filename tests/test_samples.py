@@ -4,7 +4,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from wsiattack.errors import SampleSheetError
 from wsiattack.samples import read_samples
 
@@ -20,7 +19,11 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_valid_sheet_resolves_relative_paths_against_the_sheet(tmp_path):
-    sheet = read_samples(write(tmp_path, "slide_id,path,label,mpp\nA,a.tiff,normal,0.25\nB,b.tiff,tumor,\n"), classes=CLASSES, base_dir=tmp_path)
+    sheet = read_samples(
+        write(tmp_path, "slide_id,path,label,mpp\nA,a.tiff,normal,0.25\nB,b.tiff,tumor,\n"),
+        classes=CLASSES,
+        base_dir=tmp_path,
+    )
     assert list(sheet.index) == ["A", "B"]
     assert sheet.loc["A", "path"] == str(tmp_path / "a.tiff")
     assert sheet.loc["A", "mpp"] == 0.25 and math.isnan(sheet.loc["B", "mpp"])
@@ -32,7 +35,10 @@ def test_valid_sheet_resolves_relative_paths_against_the_sheet(tmp_path):
         ("slide_id,path\nA,a.tiff\n", r"missing column\(s\) label"),
         ("slide_id,path,label,stain\nA,a.tiff,normal,he\n", r"unknown column\(s\) stain"),
         ("slide_id,path,label\nA,a.tiff,normal\nA,b.tiff,tumor\n", r"duplicate slide_id 'A'"),
-        ("slide_id,path,label\nA,a.tiff,normal\nB,b.tiff,cancer\n", r"line 3: slide 'B': label 'cancer' is not one of the config's classes \(normal, tumor\)"),
+        (
+            "slide_id,path,label\nA,a.tiff,normal\nB,b.tiff,cancer\n",
+            r"line 3: slide 'B': label 'cancer' is not one of the config's classes \(normal, tumor\)",
+        ),
         ("slide_id,path,label\nA,missing.tiff,normal\n", r"slide 'A': file not found: .*missing\.tiff"),
         ("slide_id,path,label\nA b,a.tiff,normal\n", r"line 2: slide_id 'A b' must be"),
         ("slide_id,path,label,mpp\nA,a.tiff,normal,-1\n", r"slide 'A': mpp '-1' is not a positive number"),

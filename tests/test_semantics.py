@@ -3,7 +3,6 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from wsiattack import semantics
 
 
@@ -12,7 +11,9 @@ def _flat(rgb, n=1, px=8):
 
 
 def test_content_of_glass_stroma_and_nuclei():
-    glass, stroma, nucleus = (semantics.tile_content(_flat(c)).iloc[0] for c in ((242, 241, 243), (230, 160, 190), (90, 60, 140)))
+    glass, stroma, nucleus = (
+        semantics.tile_content(_flat(c)).iloc[0] for c in ((242, 241, 243), (230, 160, 190), (90, 60, 140))
+    )
     assert glass["tissue_fraction"] == 0 and stroma["tissue_fraction"] == nucleus["tissue_fraction"] == 1
     assert nucleus["haematoxylin_od"] > 0.5 > 0.1 > max(glass["haematoxylin_od"], stroma["haematoxylin_od"])
     assert nucleus["nuclear_fraction"] == 1 and stroma["nuclear_fraction"] == 0
@@ -37,7 +38,16 @@ def test_demo_tumor_fraction_counts_mask_cells_under_each_tile(tmp_path):
 def test_correlations_find_a_monotone_link_and_refuse_constants():
     rng = np.random.default_rng(0)
     x = rng.uniform(size=200)
-    table = pd.DataFrame({"slide_id": "s", "tile": range(200), "cosine_distance": x ** 3, "linked": x, "noise": rng.uniform(size=200), "flat": 1.0})
+    table = pd.DataFrame(
+        {
+            "slide_id": "s",
+            "tile": range(200),
+            "cosine_distance": x**3,
+            "linked": x,
+            "noise": rng.uniform(size=200),
+            "flat": 1.0,
+        }
+    )
     result = semantics.correlations(table).set_index("content")
     assert result.loc["linked", "spearman_rho"] == pytest.approx(1.0)
     assert abs(result.loc["noise", "spearman_rho"]) < 0.2 and result.loc["noise", "p_value"] > 0.01

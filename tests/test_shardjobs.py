@@ -6,7 +6,6 @@ import pytest
 import torch
 from test_slides import slide_image, write_tiff
 from test_tiling import PIXELS_SPEC, SPEC
-
 from wsiattack import shardjobs, stores, tiling
 from wsiattack.encoders.model import build_encoder
 from wsiattack.errors import StoreError
@@ -14,7 +13,17 @@ from wsiattack.shards import partition, shard_of
 from wsiattack.tilereader import TileReader
 
 CPU = torch.device("cpu")
-PGD = {"name": "pgd", "method": "pgd", "objective": "cosine", "eps": 4 / 255, "steps": 1, "step_size": 1 / 255, "budget": {"fraction": 0.1, "min_tiles": 1}, "selection": "random", "seed": 0}
+PGD = {
+    "name": "pgd",
+    "method": "pgd",
+    "objective": "cosine",
+    "eps": 4 / 255,
+    "steps": 1,
+    "step_size": 1 / 255,
+    "budget": {"fraction": 0.1, "min_tiles": 1},
+    "selection": "random",
+    "seed": 0,
+}
 
 
 def test_a_slide_s_shard_depends_only_on_its_id_and_adding_one_changes_one_shard():
@@ -37,13 +46,21 @@ def cohort(tmp_path_factory):
         path = write_tiff(root / f"s{i}.tiff", slide_image(0.5, seed=i), mpp=0.5)
         for mode, spec in (("coords", SPEC), ("pixels", PIXELS_SPEC)):
             (root / mode).mkdir(exist_ok=True)
-            tiling.tile_slide(slide_id=f"s{i}", slide_path=path, spec=spec, out_store=root / mode / f"s{i}.zarr", out_qc=root / mode / f"s{i}.png")
+            tiling.tile_slide(
+                slide_id=f"s{i}",
+                slide_path=path,
+                spec=spec,
+                out_store=root / mode / f"s{i}.zarr",
+                out_qc=root / mode / f"s{i}.png",
+            )
         slides.append(path)
     return root, slides
 
 
 def shard_of_cohort(root, slides, mode):
-    return shardjobs.shard_slides(["s0", "s1"], [root / mode / "s0.zarr", root / mode / "s1.zarr"], slides if mode == "coords" else None)
+    return shardjobs.shard_slides(
+        ["s0", "s1"], [root / mode / "s0.zarr", root / mode / "s1.zarr"], slides if mode == "coords" else None
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +72,20 @@ def demo():
 def test_both_tiles_store_modes_give_identical_features(cohort, demo, tmp_path):
     root, slides = cohort
     for mode in ("coords", "pixels"):
-        n = shardjobs.extract_shard(slides=shard_of_cohort(root, slides, mode), encoder=demo, batch_size=5, device=CPU, out_dir=tmp_path / mode, reader_threads=2)
+        n = shardjobs.extract_shard(
+            slides=shard_of_cohort(root, slides, mode),
+            encoder=demo,
+            batch_size=5,
+            device=CPU,
+            out_dir=tmp_path / mode,
+            reader_threads=2,
+        )
         assert n == 32
     for slide in ("s0", "s1"):
-        a, b = (np.asarray(stores.open_store(tmp_path / mode / f"{slide}.zarr", kind=stores.FEATURES)["features"][...]) for mode in ("coords", "pixels"))
+        a, b = (
+            np.asarray(stores.open_store(tmp_path / mode / f"{slide}.zarr", kind=stores.FEATURES)["features"][...])
+            for mode in ("coords", "pixels")
+        )
         np.testing.assert_array_equal(a, b)
     assert [p.name for p in stores.slide_stores([tmp_path / "coords"])] == ["s0.zarr", "s1.zarr"]
 
@@ -66,7 +93,15 @@ def test_both_tiles_store_modes_give_identical_features(cohort, demo, tmp_path):
 def test_attack_shard_perturbs_and_reembeds_every_slide_in_one_process(cohort, demo, tmp_path):
     root, slides = cohort
     shard = shard_of_cohort(root, slides, "coords")
-    k = shardjobs.attack_shard(slides=shard, encoder=demo, spec=PGD, batch_size=4, device=CPU, out_attacks=tmp_path / "a", out_reembedded=tmp_path / "r")
+    k = shardjobs.attack_shard(
+        slides=shard,
+        encoder=demo,
+        spec=PGD,
+        batch_size=4,
+        device=CPU,
+        out_attacks=tmp_path / "a",
+        out_reembedded=tmp_path / "r",
+    )
     assert k == 4  # 10 % of 16 tiles, rounded: 2 per slide
     for slide in shard:
         attack = stores.open_store(tmp_path / "a" / f"{slide.slide_id}.zarr", kind=stores.ATTACK)
@@ -77,7 +112,9 @@ def test_attack_shard_perturbs_and_reembeds_every_slide_in_one_process(cohort, d
             clean = reader.read(index).astype(int)
         assert 0 < np.abs(attack["adv_tiles"][...].astype(int) - clean).max() <= 4
         with torch.no_grad():  # the re-embedded rows are the encoder's features of the stored uint8 tiles
-            direct = demo(torch.from_numpy(np.asarray(attack["adv_tiles"][...])).permute(0, 3, 1, 2).float() / 255).numpy()
+            direct = demo(
+                torch.from_numpy(np.asarray(attack["adv_tiles"][...])).permute(0, 3, 1, 2).float() / 255
+            ).numpy()
         np.testing.assert_allclose(replaced["features"][...], direct, rtol=1e-4, atol=1e-5)
 
 

@@ -17,7 +17,6 @@ import pytest
 import tifffile
 import zarr
 from PIL import Image
-
 from wsiattack import slides
 from wsiattack.errors import SlideError
 
@@ -44,7 +43,9 @@ def reduce(image: np.ndarray, downsample: float) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
 
 
-def write_tiff(path: Path, image: np.ndarray, *, mpp: float | None, downsamples=(1, 4, 16), unit: str = "CENTIMETER") -> Path:
+def write_tiff(
+    path: Path, image: np.ndarray, *, mpp: float | None, downsamples=(1, 4, 16), unit: str = "CENTIMETER"
+) -> Path:
     """Generic pyramidal TIFF (OpenSlide ``generic-tiff``): one tiled JPEG page per level.
 
     ``mpp=None`` writes no resolution (tifffile's default is 1 px per unit "none").
@@ -52,9 +53,19 @@ def write_tiff(path: Path, image: np.ndarray, *, mpp: float | None, downsamples=
     per_unit = {"CENTIMETER": 1e4, "INCH": 25400.0}[unit]
     with tifffile.TiffWriter(path) as tif:
         for i, downsample in enumerate(downsamples):
-            resolution = {} if mpp is None else {"resolution": (per_unit / (mpp * downsample),) * 2, "resolutionunit": unit}
-            tif.write(reduce(image, downsample), tile=(256, 256), photometric="rgb", compression="jpeg", compressionargs={"level": 95},
-                      subfiletype=0 if i == 0 else 1, metadata=None, **resolution)
+            resolution = (
+                {} if mpp is None else {"resolution": (per_unit / (mpp * downsample),) * 2, "resolutionunit": unit}
+            )
+            tif.write(
+                reduce(image, downsample),
+                tile=(256, 256),
+                photometric="rgb",
+                compression="jpeg",
+                compressionargs={"level": 95},
+                subfiletype=0 if i == 0 else 1,
+                metadata=None,
+                **resolution,
+            )
     return path
 
 
@@ -66,7 +77,15 @@ def aperio_description(image: np.ndarray, *, mpp: float | None, app_mag: int | N
     return "Aperio Image Library v12.0.15 \r\n" + "|".join(fields)
 
 
-def write_svs(path: Path, image: np.ndarray, *, mpp: float | None, app_mag: int | None = 40, downsamples=(1, 4), resolution_mpp: float | None = None) -> Path:
+def write_svs(
+    path: Path,
+    image: np.ndarray,
+    *,
+    mpp: float | None,
+    app_mag: int | None = 40,
+    downsamples=(1, 4),
+    resolution_mpp: float | None = None,
+) -> Path:
     """Aperio SVS layout: tiled level 0 whose ImageDescription starts with "Aperio", a stripped
     thumbnail page, the reduced levels as further tiled pages, a stripped label page.
 
@@ -84,7 +103,13 @@ def write_svs(path: Path, image: np.ndarray, *, mpp: float | None, app_mag: int 
         tif.write(reduce(image, 8), rowsperstrip=16, description=description.replace("\r\n", "\r\nthumbnail "), **jpeg)
         for downsample in downsamples[1:]:
             tif.write(reduce(image, downsample), tile=(256, 256), description=description, **jpeg)
-        tif.write(np.full((64, 128, 3), 200, np.uint8), rowsperstrip=16, subfiletype=1, description="Aperio Image Library v12.0.15\r\nlabel 128x64", **jpeg)
+        tif.write(
+            np.full((64, 128, 3), 200, np.uint8),
+            rowsperstrip=16,
+            subfiletype=1,
+            description="Aperio Image Library v12.0.15\r\nlabel 128x64",
+            **jpeg,
+        )
     return path
 
 
@@ -118,9 +143,15 @@ def write_dicom(folder: Path, image: np.ndarray, *, mpp: float, downsamples=(1, 
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = DICOM_WSI_CLASS
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = uid(f"level {i}")
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = uid("study"), uid("series"), uid("frame of reference")
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
+            uid("study"),
+            uid("series"),
+            uid("frame of reference"),
+        )
         ds.Modality, ds.InstanceNumber = "SM", i + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if i == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        ds.ImageType = (
+            ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"] if i == 0 else ["DERIVED", "PRIMARY", "VOLUME", "RESAMPLED"]
+        )
         ds.DimensionOrganizationType = "TILED_FULL"
         ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.TotalPixelMatrixFocalPlanes = width, height, 1
         ds.Columns = ds.Rows = tile_px
@@ -213,7 +244,10 @@ def test_the_sample_sheet_mpp_wins_over_metadata_and_must_be_positive(tmp_path):
 def test_dicom_wsi_is_read_and_tiled(tmp_path):
     """A DICOM WSI written with pydicom (test-only dependency): OpenSlide's dicom reader gives
     the levels and the pixel size, and tiling it gives the 16 pink tiles as for a TIFF."""
-    pytest.importorskip("pydicom", reason="pydicom (test-only dependency, requirements-test.txt) is not installed: cannot write a DICOM WSI")
+    pytest.importorskip(
+        "pydicom",
+        reason="pydicom (test-only dependency, requirements-test.txt) is not installed: cannot write a DICOM WSI",
+    )
     from wsiattack import tiling
 
     image = slide_image(0.25)
@@ -224,8 +258,21 @@ def test_dicom_wsi_is_read_and_tiled(tmp_path):
     assert info.vendor == "dicom" and info.mpp == pytest.approx(0.25) and info.mpp_source == "openslide.mpp-x/y"
     assert (info.width_px, info.height_px) == (3584, 2688) and info.level_downsamples == pytest.approx((1.0, 4.0))
     np.testing.assert_array_equal(region, image)  # uncompressed frames: exact, edge padding cropped
-    spec = {"tile_px": 224, "target_mpp": 0.5, "mpp_tolerance": 0.05, "allow_objective_power": False, "skip_empty": False,
-            "store_pixels": True, "tissue": {"method": "otsu", "min_fraction": 0.5, "thumbnail_mpp": 8.0, "min_object_um2": 20000.0, "max_hole_um2": 20000.0}}
+    spec = {
+        "tile_px": 224,
+        "target_mpp": 0.5,
+        "mpp_tolerance": 0.05,
+        "allow_objective_power": False,
+        "skip_empty": False,
+        "store_pixels": True,
+        "tissue": {
+            "method": "otsu",
+            "min_fraction": 0.5,
+            "thumbnail_mpp": 8.0,
+            "min_object_um2": 20000.0,
+            "max_hole_um2": 20000.0,
+        },
+    }
     out = tmp_path / "tiles.zarr"
     n = tiling.tile_slide(slide_id="s1", slide_path=path, spec=spec, out_store=out, out_qc=tmp_path / "qc.png")
     group = zarr.open_group(out, mode="r")
@@ -242,7 +289,9 @@ def test_dicom_wsi_is_read_and_tiled(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(SlideError, match=r"^slide 's1': file not found: .*nope\.svs; fix its 'path' in the sample sheet$"):
+    with pytest.raises(
+        SlideError, match=r"^slide 's1': file not found: .*nope\.svs; fix its 'path' in the sample sheet$"
+    ):
         open_(tmp_path / "nope.svs")
 
 
@@ -251,7 +300,10 @@ def test_text_file_named_svs(tmp_path):
     path.write_text("this is not a slide\n")
     with pytest.raises(SlideError) as error:
         open_(path)
-    assert str(error.value) == f"slide 's1': {path} is not a slide format OpenSlide can read (e.g. .svs, .tif(f), .ndpi, .mrxs, .scn, .bif, DICOM)"
+    assert (
+        str(error.value)
+        == f"slide 's1': {path} is not a slide format OpenSlide can read (e.g. .svs, .tif(f), .ndpi, .mrxs, .scn, .bif, DICOM)"
+    )
 
 
 def test_truncated_tiff_is_named_as_such(tmp_path):
@@ -279,7 +331,9 @@ def corrupt_level0(path: Path) -> Path:
 def test_corrupt_tile_data_fails_on_read_naming_the_slide(tmp_path):
     path = corrupt_level0(write_tiff(tmp_path / "c.tiff", slide_image(0.5), mpp=0.5))
     with open_(path) as slide:
-        with pytest.raises(SlideError, match=r"^slide 's1': .*c\.tiff could not be decoded \(.*\); the file is corrupt or truncated"):
+        with pytest.raises(
+            SlideError, match=r"^slide 's1': .*c\.tiff could not be decoded \(.*\); the file is corrupt or truncated"
+        ):
             slide.read_rgb(location=(0, 0), level=0, size=(1792, 1344))
 
 
@@ -292,7 +346,11 @@ def test_reads_outside_the_slide_are_white(tmp_path):
     path = write_tiff(tmp_path / "g.tiff", slide_image(0.5), mpp=0.5)
     with open_(path) as slide:
         region = slide.read_rgb(location=(1792 - 10, 0), level=0, size=(20, 5))
-    assert region.shape == (5, 20, 3) and (region[:, 10:] == 255).all() and (np.abs(region[:, :10].astype(int) - GLASS) <= 3).all()
+    assert (
+        region.shape == (5, 20, 3)
+        and (region[:, 10:] == 255).all()
+        and (np.abs(region[:, :10].astype(int) - GLASS) <= 3).all()
+    )
 
 
 def test_over_white_composites_partial_alpha():
@@ -321,8 +379,17 @@ def test_thumbnail_matches_a_box_filter_of_the_slide(tmp_path, downsamples, monk
 
 def info(mpp: float, downsamples: tuple[float, ...]) -> slides.SlideInfo:
     dims = tuple((round(10000 / d), round(8000 / d)) for d in downsamples)
-    return slides.SlideInfo(slide_id="s1", path="x.svs", width_px=10000, height_px=8000, mpp=mpp, mpp_source="test",
-                            level_dimensions=dims, level_downsamples=downsamples, vendor="test")
+    return slides.SlideInfo(
+        slide_id="s1",
+        path="x.svs",
+        width_px=10000,
+        height_px=8000,
+        mpp=mpp,
+        mpp_source="test",
+        level_dimensions=dims,
+        level_downsamples=downsamples,
+        vendor="test",
+    )
 
 
 def test_choose_level_takes_the_coarsest_level_not_coarser_than_the_target():
@@ -330,7 +397,9 @@ def test_choose_level_takes_the_coarsest_level_not_coarser_than_the_target():
     assert slides.choose_level(info(0.25, (1.0, 2.0, 8.0)), target_mpp=0.5, tolerance=0.05) == 1
     assert slides.choose_level(info(0.2635, (1.0, 1.9, 7.6)), target_mpp=0.5, tolerance=0.05) == 1  # 0.50065 µm/px
     assert slides.choose_level(info(0.2635, (1.0, 2.0, 8.0)), target_mpp=0.5, tolerance=0.05) == 0  # 0.527 > 0.525
-    with pytest.raises(SlideError, match=r"^slide 's1': its finest resolution \(1 µm/px, from test\) is coarser than the target 0.5"):
+    with pytest.raises(
+        SlideError, match=r"^slide 's1': its finest resolution \(1 µm/px, from test\) is coarser than the target 0.5"
+    ):
         slides.choose_level(info(1.0, (1.0, 4.0)), target_mpp=0.5, tolerance=0.05)
 
 

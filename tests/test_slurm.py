@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from live_slurm import LiveSlurm, unavailable_reason
 from small_tiny import write_small_tiny_config
 from wsiattack import cluster, stores
@@ -41,10 +40,22 @@ def slurm_run(slurm, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny_slurm")
     write_small_tiny_config(workdir / "config.yaml", n_slides=N_SLIDES, attacks=ATTACKS)
     command = [
-        sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(workdir / "config.yaml"), "--workflow-profile", str(ROOT / "profiles" / "slurm"),
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--workflow-profile",
+        str(ROOT / "profiles" / "slurm"),
         # A one-node test cluster answers at once: poll it often instead of the profile's cluster pace.
-        "--slurm-init-seconds-before-status-checks", "1", "--seconds-between-status-checks", "2",
+        "--slurm-init-seconds-before-status-checks",
+        "1",
+        "--seconds-between-status-checks",
+        "2",
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=HARD_TIMEOUT_S, cwd=workdir)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -85,11 +96,30 @@ def test_outputs_are_complete_and_consistent(slurm_run):
     assert len(slide_ids) == N_SLIDES
     for slide in slide_ids:
         for attack in ATTACKS:
-            stores.open_store(results / "reembedded" / attack / "demo_trained" / shard_of(slide, n_shards=4) / f"{slide}.zarr", kind=stores.REEMBEDDED)
+            stores.open_store(
+                results / "reembedded" / attack / "demo_trained" / shard_of(slide, n_shards=4) / f"{slide}.zarr",
+                kind=stores.REEMBEDDED,
+            )
     assert not list(results.rglob(".*.tmp-*"))  # no half-written output left anywhere
     # The local executor agrees that nothing is missing or stale.
     dry = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(workdir / "config.yaml"), "--cores", "1", "--dry-run"],
-        capture_output=True, text=True, timeout=120, cwd=workdir,
+        [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "-s",
+            str(ROOT / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(workdir / "config.yaml"),
+            "--cores",
+            "1",
+            "--dry-run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=workdir,
     )
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr

@@ -9,7 +9,6 @@ import openslide
 import pandas as pd
 import pytest
 import tifffile
-
 from wsiattack import synthetic
 
 # Small slides keep the tests fast; multiples of 16 so every level has exact dimensions.
@@ -21,9 +20,7 @@ def _sha256(path: Path) -> str:
 
 
 def _render(seed: int, *, tumor: bool, width_px: int = SMALL_W, height_px: int = SMALL_H):
-    return synthetic.render_slide(
-        rng=np.random.default_rng(seed), width_px=width_px, height_px=height_px, tumor=tumor
-    )
+    return synthetic.render_slide(rng=np.random.default_rng(seed), width_px=width_px, height_px=height_px, tumor=tumor)
 
 
 def _dark_purple(image: np.ndarray) -> np.ndarray:
@@ -57,8 +54,11 @@ def test_written_slide_opens_with_openslide(tmp_path):
         assert slide.properties["openslide.vendor"] == "generic-tiff"
         assert slide.level_count == 3
         assert slide.level_downsamples == pytest.approx((1.0, 4.0, 16.0))
-        assert slide.level_dimensions == ((SMALL_W, SMALL_H), (SMALL_W // 4, SMALL_H // 4),
-                                          (SMALL_W // 16, SMALL_H // 16))
+        assert slide.level_dimensions == (
+            (SMALL_W, SMALL_H),
+            (SMALL_W // 4, SMALL_H // 4),
+            (SMALL_W // 16, SMALL_H // 16),
+        )
         assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5, abs=1e-6)
         assert float(slide.properties["openslide.mpp-y"]) == pytest.approx(0.5, abs=1e-6)
         assert slide.properties["tiff.ResolutionUnit"] == "centimeter"
@@ -92,16 +92,22 @@ def test_failed_write_leaves_no_files(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tifffile.TiffWriter, "write", explode)
     with pytest.raises(RuntimeError, match="disk full"):
-        synthetic.write_pyramidal_tiff(tmp_path / "slide.tiff", _render(0, tumor=False,
-                                       width_px=256, height_px=256), mpp=0.5)
+        synthetic.write_pyramidal_tiff(
+            tmp_path / "slide.tiff", _render(0, tumor=False, width_px=256, height_px=256), mpp=0.5
+        )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
     def cohort(name: str, seed: int) -> list[Path]:
         sheet = synthetic.write_demo_cohort(
-            slides_dir=tmp_path / name, samples_csv=tmp_path / f"{name}.csv", n_slides=2,
-            seed=seed, classes=["normal", "tumor"], width_px=512, height_px=512,
+            slides_dir=tmp_path / name,
+            samples_csv=tmp_path / f"{name}.csv",
+            n_slides=2,
+            seed=seed,
+            classes=["normal", "tumor"],
+            width_px=512,
+            height_px=512,
         )
         return [tmp_path / p for p in sheet["path"]]  # paths are relative to the sheet
 
@@ -149,8 +155,13 @@ def test_small_slides_look_like_tissue_on_glass(seed):
 def test_demo_cohort_writes_balanced_sample_sheet(tmp_path):
     slides_dir, csv = tmp_path / "slides", tmp_path / "meta" / "samples.csv"
     sheet = synthetic.write_demo_cohort(
-        slides_dir=slides_dir, samples_csv=csv, n_slides=5, seed=0, classes=["normal", "tumor"],
-        width_px=256, height_px=256,
+        slides_dir=slides_dir,
+        samples_csv=csv,
+        n_slides=5,
+        seed=0,
+        classes=["normal", "tumor"],
+        width_px=256,
+        height_px=256,
     )
     on_disk = pd.read_csv(csv)
     assert list(on_disk.columns) == ["slide_id", "path", "label"]
@@ -158,16 +169,22 @@ def test_demo_cohort_writes_balanced_sample_sheet(tmp_path):
     assert list(sheet["slide_id"]) == [f"demo_{i:03d}" for i in range(5)]
     # Paths are relative to the sheet's directory (the cohort can be moved as a whole).
     assert list(sheet["path"]) == [f"../slides/demo_{i:03d}.tiff" for i in range(5)]
-    assert all((csv.parent / p).resolve() == (slides_dir / f"demo_{i:03d}.tiff").resolve()
-               for i, p in enumerate(sheet["path"]))
+    assert all(
+        (csv.parent / p).resolve() == (slides_dir / f"demo_{i:03d}.tiff").resolve() for i, p in enumerate(sheet["path"])
+    )
     assert all((csv.parent / p).is_file() for p in sheet["path"])
     assert sheet["label"].value_counts().to_dict() == {"normal": 2, "tumor": 3}
     # Nothing but the slides themselves in the slide directory (no leftover temporaries).
     assert sorted(p.name for p in slides_dir.iterdir()) == [f"demo_{i:03d}.tiff" for i in range(5)]
     # Labels follow a seeded permutation: same seed, same order.
     again = synthetic.write_demo_cohort(
-        slides_dir=tmp_path / "again", samples_csv=tmp_path / "again.csv", n_slides=5, seed=0,
-        classes=["normal", "tumor"], width_px=256, height_px=256,
+        slides_dir=tmp_path / "again",
+        samples_csv=tmp_path / "again.csv",
+        n_slides=5,
+        seed=0,
+        classes=["normal", "tumor"],
+        width_px=256,
+        height_px=256,
     )
     assert list(again["label"]) == list(sheet["label"])
 
@@ -175,11 +192,13 @@ def test_demo_cohort_writes_balanced_sample_sheet(tmp_path):
 @pytest.mark.parametrize("classes", [["only"], ["a", "b", "c"]])
 def test_demo_cohort_needs_exactly_two_classes(tmp_path, classes):
     with pytest.raises(ValueError, match="2 classes"):
-        synthetic.write_demo_cohort(slides_dir=tmp_path, samples_csv=tmp_path / "s.csv",
-                                    n_slides=4, seed=0, classes=classes)
+        synthetic.write_demo_cohort(
+            slides_dir=tmp_path, samples_csv=tmp_path / "s.csv", n_slides=4, seed=0, classes=classes
+        )
 
 
 def test_demo_cohort_needs_two_slides(tmp_path):
     with pytest.raises(ValueError, match="n_slides"):
-        synthetic.write_demo_cohort(slides_dir=tmp_path, samples_csv=tmp_path / "s.csv",
-                                    n_slides=1, seed=0, classes=["a", "b"])
+        synthetic.write_demo_cohort(
+            slides_dir=tmp_path, samples_csv=tmp_path / "s.csv", n_slides=1, seed=0, classes=["a", "b"]
+        )

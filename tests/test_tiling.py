@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_slides import GLASS, PINK, corrupt_level0, slide_image, write_svs, write_tiff
-
 from wsiattack import stores, tiling
-from wsiattack.tilereader import TileReader
 from wsiattack.errors import SlideError
+from wsiattack.tilereader import TileReader
 
 SPEC = {
     "tile_px": 224,
@@ -21,14 +20,22 @@ SPEC = {
     "allow_objective_power": False,
     "skip_empty": False,
     "store_pixels": False,
-    "tissue": {"method": "otsu", "min_fraction": 0.5, "thumbnail_mpp": 8.0, "min_object_um2": 20000.0, "max_hole_um2": 20000.0},
+    "tissue": {
+        "method": "otsu",
+        "min_fraction": 0.5,
+        "thumbnail_mpp": 8.0,
+        "min_object_um2": 20000.0,
+        "max_hole_um2": 20000.0,
+    },
 }
 PIXELS_SPEC = {**SPEC, "store_pixels": True}
 
 
 def run(tmp_path: Path, slide: Path, *, spec=SPEC, **kwargs) -> tuple[int, Path]:
     out = tmp_path / "tiles.zarr"
-    n = tiling.tile_slide(slide_id="s1", slide_path=slide, spec=spec, out_store=out, out_qc=tmp_path / "qc.png", **kwargs)
+    n = tiling.tile_slide(
+        slide_id="s1", slide_path=slide, spec=spec, out_store=out, out_qc=tmp_path / "qc.png", **kwargs
+    )
     return n, out
 
 
@@ -108,7 +115,9 @@ def test_a_single_level_slide(tmp_path):
 
 def test_missing_resolution_needs_an_mpp_override(tmp_path):
     path = write_tiff(tmp_path / "nompp.tiff", slide_image(0.5), mpp=None)
-    with pytest.raises(SlideError, match=r"^slide 's1': .*nompp\.tiff has no resolution metadata .* add an 'mpp' column"):
+    with pytest.raises(
+        SlideError, match=r"^slide 's1': .*nompp\.tiff has no resolution metadata .* add an 'mpp' column"
+    ):
         run(tmp_path, path)
     assert no_outputs_left(tmp_path)
     n, out = run(tmp_path, path, mpp_override=0.5)
@@ -117,7 +126,9 @@ def test_missing_resolution_needs_an_mpp_override(tmp_path):
 
 def test_objective_power_only_is_used_only_when_allowed(tmp_path, caplog):
     path = write_svs(tmp_path / "mag.svs", slide_image(0.5), mpp=None, app_mag=20)
-    with pytest.raises(SlideError, match=r"^slide 's1': .* only an objective power \(20x\); .* tiling.allow_objective_power: true"):
+    with pytest.raises(
+        SlideError, match=r"^slide 's1': .* only an objective power \(20x\); .* tiling.allow_objective_power: true"
+    ):
         run(tmp_path, path)
     assert no_outputs_left(tmp_path)
     with caplog.at_level(logging.WARNING):
@@ -193,7 +204,7 @@ def test_tiles_are_exactly_the_slide_at_their_coords_whatever_the_blocks_and_thr
         results.append({tuple(c): t for c, t in zip(coords.tolist(), tiles, strict=True)})
     assert results[0].keys() == results[1].keys() == results[2].keys() and len(results[0]) == 16
     with openslide.OpenSlide(path) as handle:
-        for (x, y), tile in results[0].items():
+        for x, y in results[0]:
             direct = np.asarray(handle.read_region((x, y), 0, (224, 224)).convert("RGB"))
             for result in results:
                 np.testing.assert_array_equal(result[(x, y)], direct)
@@ -230,7 +241,9 @@ def test_threads_give_a_byte_identical_store(tmp_path, monkeypatch):
         (tmp_path / str(threads)).mkdir()
         _, out = run(tmp_path / str(threads), path, spec=PIXELS_SPEC, threads=threads)
         stores_.append(load(out))
-        files.append({f.relative_to(out.parent).as_posix(): f.read_bytes() for f in out.parent.rglob("*") if f.is_file()})
+        files.append(
+            {f.relative_to(out.parent).as_posix(): f.read_bytes() for f in out.parent.rglob("*") if f.is_file()}
+        )
     np.testing.assert_array_equal(stores_[0][0], stores_[1][0])
     np.testing.assert_array_equal(stores_[0][1], stores_[1][1])
     assert stores_[0][2] == stores_[1][2]
@@ -255,10 +268,17 @@ def test_write_in_chunks_stores_whole_chunks_in_order_and_propagates_writer_erro
     batches = [tiles[:5], tiles[5:6], tiles[6:20], tiles[20:]]  # batch edges unrelated to chunks
     array = RecordingArray(23, chunk=3)
     tiling.write_in_chunks(array, batches=iter(batches), chunks_per_write=2, depth=2)
-    assert [(a, b) for a, b, _ in array.writes] == [(0, 6), (6, 12), (12, 18), (18, 23)]  # 2 chunks a write, last one short
+    assert [(a, b) for a, b, _ in array.writes] == [
+        (0, 6),
+        (6, 12),
+        (12, 18),
+        (18, 23),
+    ]  # 2 chunks a write, last one short
     np.testing.assert_array_equal(np.concatenate([v for _, _, v in array.writes]), tiles)
     with pytest.raises(OSError, match="disk full"):
-        tiling.write_in_chunks(RecordingArray(23, chunk=3, fail_on=1), batches=iter(batches), chunks_per_write=1, depth=1)
+        tiling.write_in_chunks(
+            RecordingArray(23, chunk=3, fail_on=1), batches=iter(batches), chunks_per_write=1, depth=1
+        )
     with pytest.raises(RuntimeError, match="wrote 20 tiles into an array of 23"):
         tiling.write_in_chunks(RecordingArray(23, chunk=3), batches=iter(batches[:3]))
 
@@ -268,7 +288,14 @@ def test_plan_blocks_groups_cells_into_bounded_blocks_in_a_fixed_order():
     cells = np.array([(r, c) for r in range(5) for c in range(7) if not (c == 0 and r < 3)])
     blocks = tiling.plan_blocks(cells, block_cells=3)
     # Bands top to bottom, blocks left to right, each cropped to its cells' bounding box.
-    assert [(b.row0, b.col0, b.rows, b.cols) for b in blocks] == [(0, 1, 3, 2), (0, 3, 3, 3), (0, 6, 3, 1), (3, 0, 2, 3), (3, 3, 2, 3), (3, 6, 2, 1)]
+    assert [(b.row0, b.col0, b.rows, b.cols) for b in blocks] == [
+        (0, 1, 3, 2),
+        (0, 3, 3, 3),
+        (0, 6, 3, 1),
+        (3, 0, 2, 3),
+        (3, 3, 2, 3),
+        (3, 6, 2, 1),
+    ]
     assert blocks[0].cells.tolist() == [[0, 1], [0, 2], [1, 1], [1, 2], [2, 1], [2, 2]]  # row-major inside
     assert sorted(map(tuple, np.concatenate([b.cells for b in blocks]).tolist())) == sorted(map(tuple, cells.tolist()))
 
@@ -289,7 +316,10 @@ def test_text_file_named_svs_is_rejected(tmp_path):
 def test_truncated_slide_is_rejected_without_a_store(tmp_path):
     path = write_tiff(tmp_path / "cut.tiff", slide_image(0.5), mpp=0.5)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(SlideError, match=r"^slide 's1': .*cut\.tiff is a TIFF file that OpenSlide cannot open: it is truncated or corrupt"):
+    with pytest.raises(
+        SlideError,
+        match=r"^slide 's1': .*cut\.tiff is a TIFF file that OpenSlide cannot open: it is truncated or corrupt",
+    ):
         run(tmp_path, path)
     assert no_outputs_left(tmp_path)
 
@@ -307,7 +337,10 @@ def test_undecodable_tiles_of_a_coordinate_store_fail_the_reader_naming_the_slid
     """Without pixels in the store, the damage shows when a stage reads the tiles: one clear error."""
     path = corrupt_level0(write_tiff(tmp_path / "bad.tiff", slide_image(0.5), mpp=0.5, downsamples=(1, 16)))
     _, out = run(tmp_path, path)
-    with TileReader(out, threads=2) as reader, pytest.raises(SlideError, match=r"^slide 's1': .*bad\.tiff could not be decoded"):
+    with (
+        TileReader(out, threads=2) as reader,
+        pytest.raises(SlideError, match=r"^slide 's1': .*bad\.tiff could not be decoded"),
+    ):
         list(reader.iter_batches(batch_size=4))
 
 
@@ -342,7 +375,10 @@ def test_reader_refuses_a_slide_that_changed_since_tiling(tmp_path):
     path = write_tiff(tmp_path / "a.tiff", slide_image(0.5), mpp=0.5)
     _, out = run(tmp_path, path)
     other = write_tiff(tmp_path / "b.tiff", slide_image(0.5, seed=9), mpp=0.5)
-    with TileReader(out, slide_path=other) as reader, pytest.raises(stores.StoreError, match=r"b\.tiff is not the slide that was tiled"):
+    with (
+        TileReader(out, slide_path=other) as reader,
+        pytest.raises(stores.StoreError, match=r"b\.tiff is not the slide that was tiled"),
+    ):
         reader.read(np.array([0]))
     path.unlink()
     with TileReader(out) as reader, pytest.raises(stores.StoreError, match=r"its slide .*a\.tiff is missing"):
@@ -351,7 +387,10 @@ def test_reader_refuses_a_slide_that_changed_since_tiling(tmp_path):
 
 def test_a_slide_smaller_than_one_tile_is_an_error(tmp_path):
     path = write_tiff(tmp_path / "tiny.tiff", np.full((100, 100, 3), 200, np.uint8), mpp=None, downsamples=(1,))
-    with pytest.raises(SlideError, match=r"^slide 's1': at 0.5 µm/px \(from sample sheet\) the slide \(100 x 100 px\) is smaller than one 112 µm tile"):
+    with pytest.raises(
+        SlideError,
+        match=r"^slide 's1': at 0.5 µm/px \(from sample sheet\) the slide \(100 x 100 px\) is smaller than one 112 µm tile",
+    ):
         run(tmp_path, path, mpp_override=0.5)
 
 
@@ -360,7 +399,9 @@ def test_stores_refuse_a_mismatched_spec(tmp_path):
     group = stores.open_store(out, kind=stores.TILES)
     stores.require_attrs(group, path=out, expected=tiling.expected_tiles_attrs(SPEC))
     changed = {**SPEC, "tissue": {**SPEC["tissue"], "min_fraction": 0.25}}
-    with pytest.raises(stores.StoreError, match=r"attribute 'tiling' is .* but the current spec needs .*'min_fraction': 0.25"):
+    with pytest.raises(
+        stores.StoreError, match=r"attribute 'tiling' is .* but the current spec needs .*'min_fraction': 0.25"
+    ):
         stores.require_attrs(group, path=out, expected=tiling.expected_tiles_attrs(changed))
     with pytest.raises(stores.StoreError, match=r"attribute 'tile_px' is 224 but the current spec needs 256"):
         stores.require_attrs(group, path=out, expected={"tile_px": 256})

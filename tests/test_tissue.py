@@ -1,7 +1,6 @@
 """Tissue detection on thumbnails and the per-tile tissue fraction."""
 
 import numpy as np
-
 from wsiattack import tissue
 
 

@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 import yaml
 from small_tiny import TINY_CONFIG as TINY
-
 from wsiattack import stores
 from wsiattack.shards import partition, shard_of
 from wsiattack.tilereader import TileReader
@@ -26,10 +25,27 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def snakemake(workdir: Path, *args: str, config: Path | None = None, overlays: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+def snakemake(
+    workdir: Path, *args: str, config: Path | None = None, overlays: tuple[Path, ...] = ()
+) -> subprocess.CompletedProcess:
     # gpu=2: on a CPU-only machine the GPU token must not serialise the torch jobs.
     configs = [str(config or workdir / "config.yaml"), *map(str, overlays)]
-    command = [sys.executable, "-m", "snakemake", *args, "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", *configs, "--cores", "2", "--resources", "gpu=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        *args,
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        *configs,
+        "--cores",
+        "2",
+        "--resources",
+        "gpu=2",
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
@@ -51,7 +67,14 @@ def test_summary_has_every_metric_for_every_attack(tiny):
     assert list(summary.columns[:7]) == ["encoder", "mil", "attack", "metric", "clean", "attacked", "drop"]
     assert set(summary["attack"]) == {"pgd", "noise"}
     for _, rows in summary.groupby("attack"):
-        assert list(rows["metric"]) == ["accuracy", "balanced_accuracy", "f1_macro", "auroc", "flip_rate", "tile_cosine_distance"]
+        assert list(rows["metric"]) == [
+            "accuracy",
+            "balanced_accuracy",
+            "f1_macro",
+            "auroc",
+            "flip_rate",
+            "tile_cosine_distance",
+        ]
     values = summary[["clean", "attacked"]].to_numpy()
     assert np.all((values >= 0) & (values <= 1))
     shift = summary[summary["metric"] == "tile_cosine_distance"].set_index("attack")["attacked"]
@@ -88,7 +111,9 @@ def test_stores_agree_with_each_other(tiny):
         attack = shard_store("attacks/pgd", slide, stores.ATTACK)
         noise = shard_store("attacks/noise", slide, stores.ATTACK)
         replaced = shard_store("reembedded/pgd", slide, stores.REEMBEDDED)
-        reader = TileReader(results / "tiles" / shard / f"{slide}.zarr", slide_path=results / "demo" / "slides" / f"{slide}.tiff")
+        reader = TileReader(
+            results / "tiles" / shard / f"{slide}.zarr", slide_path=results / "demo" / "slides" / f"{slide}.tiff"
+        )
         n = reader.shape[0]
         assert features["features"].shape == (n, 128) and features.attrs["encoder"] == "demo_trained"
         k = max(1, round(0.05 * n))
@@ -103,7 +128,10 @@ def test_stores_agree_with_each_other(tiny):
 def test_positive_control_flips_slides_its_noise_control_does_not(tiny):
     """The gray-box oracle must move slides if the chain can see an effect; noise of its bound must not."""
     overlay = ROOT / "tests" / "configs" / "positive_control_tiny.yaml"
-    evaluated = {name: tiny / "results" / "eval" / "demo_trained" / "abmil" / f"{name}.csv" for name in ("positive_control", "positive_control_noise")}
+    evaluated = {
+        name: tiny / "results" / "eval" / "demo_trained" / "abmil" / f"{name}.csv"
+        for name in ("positive_control", "positive_control_noise")
+    }
     ok(snakemake(tiny, *map(str, evaluated.values()), overlays=(overlay,)))
     oracle, noise = (pd.read_csv(path) for path in evaluated.values())
     assert (oracle["threat_model"] == "gray-box").all() and not oracle["label_free"].any()
@@ -138,8 +166,17 @@ def test_report_renders_in_headless_chromium(tiny, tmp_path):
 
     report = tiny / "report_chromium.html"
     ok(snakemake(tiny, "--report", str(report)))
-    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000"]
-    dom = subprocess.run([*browser, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120, check=True).stdout
+    browser = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=20000",
+    ]
+    dom = subprocess.run(
+        [*browser, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     for category in ("Summary", "Heatmaps", "Vulnerability vs content", "Adversarial tiles"):
         assert category in dom, f"the rendered report has no {category!r} section"
     figures = _embedded_pngs(report.read_text())
@@ -149,7 +186,12 @@ def test_report_renders_in_headless_chromium(tiny, tmp_path):
             image.load()
             assert min(image.size) > 50
     shot = tmp_path / "report.png"
-    subprocess.run([*browser, "--window-size=1400,1000", f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [*browser, "--window-size=1400,1000", f"--screenshot={shot}", report.as_uri()],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     with Image.open(shot) as image:  # the page painted something, not a blank window
         assert len(set(image.convert("L").getdata())) > 10
 
@@ -168,11 +210,22 @@ def test_editing_one_attack_reruns_only_that_attack(tiny):
     ok(snakemake(tiny))
     ran = changed_benchmarks(tiny, since)
     rules = {name.split("/")[0] for name in ran}
-    assert rules == {"attack", "evaluate", "summarize", "plot_metrics", "plot_examples", "plot_factors", "plot_heatmaps", "vulnerability"}, ran
+    assert rules == {
+        "attack",
+        "evaluate",
+        "summarize",
+        "plot_metrics",
+        "plot_examples",
+        "plot_factors",
+        "plot_heatmaps",
+        "vulnerability",
+    }, ran
     assert all("pgd" in name for name in ran if not name.startswith(("summarize", "plot_metrics", "plot_factors"))), ran
     assert len([n for n in ran if n.startswith("attack/")]) == len(tiny_shards(tiny))  # one job per shard
     shard = shard_of("demo_000", n_shards=config.get("shards", 4))
-    adv = stores.open_store(tiny / "results" / "attacks" / "pgd" / "demo_trained" / shard / "demo_000.zarr", kind=stores.ATTACK)
+    adv = stores.open_store(
+        tiny / "results" / "attacks" / "pgd" / "demo_trained" / shard / "demo_000.zarr", kind=stores.ATTACK
+    )
     assert adv.attrs["attack"]["eps"] == pytest.approx(2 / 255) and float(np.max(adv["linf"][...])) <= 2 / 255 + 1e-7
 
 
@@ -192,8 +245,14 @@ def user_cohort(tiny, tmp_path) -> Path:
     ("edit", "message"),
     [
         (lambda s: pd.concat([s, s.iloc[:1]]), r"duplicate slide_id 'demo_000'"),
-        (lambda s: s.assign(label=["normal", "tumor", "cancer", "normal", "tumor", "normal"]), r"line 4: slide 'demo_002': label 'cancer' is not one of"),
-        (lambda s: s.assign(path=[*s["path"][:5], "/nonexistent/x.svs"]), r"slide 'demo_005': file not found: /nonexistent/x\.svs"),
+        (
+            lambda s: s.assign(label=["normal", "tumor", "cancer", "normal", "tumor", "normal"]),
+            r"line 4: slide 'demo_002': label 'cancer' is not one of",
+        ),
+        (
+            lambda s: s.assign(path=[*s["path"][:5], "/nonexistent/x.svs"]),
+            r"slide 'demo_005': file not found: /nonexistent/x\.svs",
+        ),
     ],
 )
 def test_bad_sample_sheet_fails_at_start_naming_the_row(user_cohort, edit, message):
@@ -211,7 +270,10 @@ def test_unknown_config_key_fails_at_start(user_cohort):
     (user_cohort / "config.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(user_cohort)
     assert result.returncode != 0
-    assert "config: attacks.pgd: Additional properties are not allowed ('epz' was unexpected)" in result.stdout + result.stderr
+    assert (
+        "config: attacks.pgd: Additional properties are not allowed ('epz' was unexpected)"
+        in result.stdout + result.stderr
+    )
 
 
 def test_unreadable_slide_fails_its_job_and_leaves_no_store(user_cohort):
@@ -253,7 +315,15 @@ def test_editing_mil_settings_reruns_no_slide_level_job(tiny):
     config = current_config(tiny)
     config["mil"]["epochs"] = 7
     jobs = planned_jobs(tiny, config)
-    assert jobs == {"train_mil": 2, "evaluate": 2, "plot_heatmaps": 2, "summarize": 1, "plot_metrics": 1, "plot_factors": 1, "all": 1}, jobs
+    assert jobs == {
+        "train_mil": 2,
+        "evaluate": 2,
+        "plot_heatmaps": 2,
+        "summarize": 1,
+        "plot_metrics": 1,
+        "plot_factors": 1,
+        "all": 1,
+    }, jobs
 
 
 def test_editing_tiling_reruns_every_slide(tiny):
@@ -262,7 +332,13 @@ def test_editing_tiling_reruns_every_slide(tiny):
     jobs = planned_jobs(tiny, config)
     n_shards = len(tiny_shards(tiny))
     assert 1 < n_shards < 6  # the tiny cohort's 6 slides fall into a few shards
-    for rule, count in {"tile": n_shards, "extract": n_shards, "attack": 2 * n_shards, "train_mil": 2, "evaluate": 2}.items():
+    for rule, count in {
+        "tile": n_shards,
+        "extract": n_shards,
+        "attack": 2 * n_shards,
+        "train_mil": 2,
+        "evaluate": 2,
+    }.items():
         assert jobs.get(rule) == count, jobs
     assert "demo_cohort" not in jobs
 
@@ -272,7 +348,9 @@ def test_adding_a_slide_runs_only_its_jobs_and_the_cohort_level_ones(tiny):
     sheet = pd.read_csv(demo / "samples.csv")
     shutil.copy(demo / "slides" / "demo_000.tiff", tiny / "extra.tiff")
     sheet["path"] = [f"results/demo/{p}" for p in sheet["path"]]  # relative to grown.csv's folder
-    sheet = pd.concat([sheet, pd.DataFrame([{"slide_id": "extra", "path": "extra.tiff", "label": sheet.loc[0, "label"]}])])
+    sheet = pd.concat(
+        [sheet, pd.DataFrame([{"slide_id": "extra", "path": "extra.tiff", "label": sheet.loc[0, "label"]}])]
+    )
     sheet.to_csv(tiny / "grown.csv", index=False)
     config = current_config(tiny)
     config["samples"] = "grown.csv"
@@ -290,4 +368,11 @@ def test_pilot_costs_come_from_every_gradient_job_of_the_run(tiny):
     assert costs["extract_jobs"] == n_shards and costs["attack_jobs"] == n_shards  # noise has no gradient: left out
     assert 3 <= costs["gradient_evaluations_per_tile"] <= 4  # tiny's PGD: 3 steps (+ the random start's)
     assert costs["extract_s_per_tile"] > 0 and costs["attack_s_per_gradient_evaluation"] > 0
-    assert costs["tiles_per_slide"] == pytest.approx(np.mean([stores.open_store(p, kind=stores.TILES)["coords"].shape[0] for p in stores.slide_stores(sorted((tiny / "results" / "tiles").glob("shard-*")))]))
+    assert costs["tiles_per_slide"] == pytest.approx(
+        np.mean(
+            [
+                stores.open_store(p, kind=stores.TILES)["coords"].shape[0]
+                for p in stores.slide_stores(sorted((tiny / "results" / "tiles").glob("shard-*")))
+            ]
+        )
+    )

@@ -1,4 +1,5 @@
 """Rule attack: perturb the selected tiles of every slide of one shard, then re-embed them."""
+
 from wsiattack import rulekit, runtime, shardjobs
 from wsiattack.attacks.oracle import load_fold_head
 from wsiattack.attacks.params import uses_mil_head
@@ -8,7 +9,15 @@ from wsiattack.encoders.model import build_encoder
 def main(smk, spec):
     slides = shardjobs.slides_in(smk.input.tiles, tiling_spec=spec["tiling"])
     # gray-box attacks: the head of the fold in which the slide is a test slide
-    mil_head_of = (lambda slide_id: load_fold_head(slide_id=slide_id, splits_csv=smk.input.splits, model_paths=smk.input.mil_heads)) if uses_mil_head(spec["attack"]) else None
+    mil_head_of = (
+        (
+            lambda slide_id: load_fold_head(
+                slide_id=slide_id, splits_csv=smk.input.splits, model_paths=smk.input.mil_heads
+            )
+        )
+        if uses_mil_head(spec["attack"])
+        else None
+    )
     shardjobs.attack_shard(
         slides=slides,
         encoder=build_encoder(**spec["encoder"]),

@@ -1,4 +1,5 @@
 """Rule list_skipped: the slides left out for lack of tissue (tiling.skip_empty), as a CSV."""
+
 import csv
 
 from wsiattack import rulekit, stores

@@ -1,6 +1,6 @@
 """Rule plot_factors: accuracy drop and flip rate against eps and budget, per MIL head."""
-import pandas as pd
 
+import pandas as pd
 from wsiattack import plots, rulekit
 
 

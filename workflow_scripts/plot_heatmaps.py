@@ -1,4 +1,5 @@
 """Rule plot_heatmaps: the MIL head's tile weights before and after the attack on the most affected slides."""
+
 from wsiattack import plots, rulekit
 
 

@@ -1,6 +1,6 @@
 """Rule plot_metrics: bar plot of clean vs. attacked metrics."""
-import pandas as pd
 
+import pandas as pd
 from wsiattack import plots, rulekit
 
 

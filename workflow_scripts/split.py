@@ -1,4 +1,5 @@
 """Rule split: stratified (patient-level where possible) k-fold splits, saved for every MIL head."""
+
 from pathlib import Path
 
 from wsiattack import rulekit, stores

@@ -1,9 +1,15 @@
 """Rule train_mil: one MIL head on the clean features of one fold's training slides."""
+
 from wsiattack import evaluation, rulekit, stores
 
 
 def main(smk, spec):
-    evaluation.train_fold(splits_csv=smk.input.splits, feature_stores=stores.slide_stores(smk.input.features), spec=spec, out_model=smk.output.model)
+    evaluation.train_fold(
+        splits_csv=smk.input.splits,
+        feature_stores=stores.slide_stores(smk.input.features),
+        spec=spec,
+        out_model=smk.output.model,
+    )
 
 
 rulekit.run(snakemake, main)  # noqa: F821

@@ -23,27 +23,33 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from wsiattack import stores
+from wsiattack.attacks.methods import build_method
+from wsiattack.attacks.perturb import perturb_slide
+from wsiattack.attacks.selection import Probe, vulnerability_scores
+from wsiattack.encoders.model import build_encoder
+from wsiattack.extraction import extract_slide, reembed_slide
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "workflow_scripts"))
-
-from wsiattack import stores  # noqa: E402
-from wsiattack.attacks.perturb import perturb_slide  # noqa: E402
-from wsiattack.attacks.selection import Probe, vulnerability_scores  # noqa: E402
-from wsiattack.attacks.methods import build_method  # noqa: E402
-from wsiattack.encoders.model import build_encoder  # noqa: E402
-from wsiattack.extraction import extract_slide, reembed_slide  # noqa: E402
 
 TILE_PX = 224
 CPU = torch.device("cpu")
-PGD = {"name": "bench_pgd", "method": "pgd", "objective": "cosine", "eps": 4 / 255, "steps": 10, "step_size": 1 / 255,
-       "budget": {"fraction": 0.001, "min_tiles": 1}, "selection": "random", "seed": 0}
+PGD = {
+    "name": "bench_pgd",
+    "method": "pgd",
+    "objective": "cosine",
+    "eps": 4 / 255,
+    "steps": 10,
+    "step_size": 1 / 255,
+    "budget": {"fraction": 0.001, "min_tiles": 1},
+    "selection": "random",
+    "seed": 0,
+}
 
 
 def write_random_slide(path: Path, *, n_tiles: int, seed: int) -> None:
@@ -55,7 +61,9 @@ def write_random_slide(path: Path, *, n_tiles: int, seed: int) -> None:
             n = min(512, n_tiles - start)
             coarse = rng.integers(60, 230, size=(n, TILE_PX // 8, TILE_PX // 8, 3), dtype=np.int16)
             noise = rng.integers(-12, 13, size=(n, TILE_PX, TILE_PX, 3), dtype=np.int16)
-            array[start : start + n] = np.clip(coarse.repeat(8, axis=1).repeat(8, axis=2) + noise, 0, 255).astype(np.uint8)
+            array[start : start + n] = np.clip(coarse.repeat(8, axis=1).repeat(8, axis=2) + noise, 0, 255).astype(
+                np.uint8
+            )
         stores.write_array(group, "coords", np.zeros((n_tiles, 2), dtype=np.int64))
 
 
@@ -72,7 +80,9 @@ def probe_seconds(*, tiles_path: Path, features_path: Path, encoder, n_tiles: in
     method, objective = build_method(PGD)
     probe = Probe(encoder=encoder, ball=method.ball, objective=objective.fn, device=CPU)
     started = time.perf_counter()
-    vulnerability_scores(tiles, probe=probe, reference=reference, generator=torch.Generator().manual_seed(0), label="bench")
+    vulnerability_scores(
+        tiles, probe=probe, reference=reference, generator=torch.Generator().manual_seed(0), label="bench"
+    )
     return time.perf_counter() - started
 
 
@@ -97,19 +107,50 @@ def main() -> None:
     encoder = build_encoder("demo")
     load_before = os.getloadavg()[0]
 
-    extraction_s = timed(extract_slide, slide_id="bench", tiles_store=tiles_path, encoder=encoder, batch_size=args.batch_size, device=CPU, out_store=features_path)
-    perturb_s = timed(perturb_slide, slide_id="bench", tiles_store=tiles_path, encoder=encoder, spec=PGD, out_store=work / "attack.zarr", device=CPU)
-    reembed_s = timed(reembed_slide, slide_id="bench", attack_store=work / "attack.zarr", encoder=encoder, batch_size=args.batch_size, device=CPU, out_store=work / "reembedded.zarr")
-    probe_s = probe_seconds(tiles_path=tiles_path, features_path=features_path, encoder=encoder, n_tiles=args.probe_tiles)
+    extraction_s = timed(
+        extract_slide,
+        slide_id="bench",
+        tiles_store=tiles_path,
+        encoder=encoder,
+        batch_size=args.batch_size,
+        device=CPU,
+        out_store=features_path,
+    )
+    perturb_s = timed(
+        perturb_slide,
+        slide_id="bench",
+        tiles_store=tiles_path,
+        encoder=encoder,
+        spec=PGD,
+        out_store=work / "attack.zarr",
+        device=CPU,
+    )
+    reembed_s = timed(
+        reembed_slide,
+        slide_id="bench",
+        attack_store=work / "attack.zarr",
+        encoder=encoder,
+        batch_size=args.batch_size,
+        device=CPU,
+        out_store=work / "reembedded.zarr",
+    )
+    probe_s = probe_seconds(
+        tiles_path=tiles_path, features_path=features_path, encoder=encoder, n_tiles=args.probe_tiles
+    )
 
     k = int(stores.open_store(work / "attack.zarr", kind=stores.ATTACK).attrs["k"])
     per_tile_extraction = extraction_s / args.tiles
     result = {
-        "tiles": args.tiles, "k": k, "torch_threads": torch.get_num_threads(),
+        "tiles": args.tiles,
+        "k": k,
+        "torch_threads": torch.get_num_threads(),
         "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "clean_extraction_s": round(extraction_s, 2), "perturb_s": round(perturb_s, 2), "reembed_s": round(reembed_s, 2),
+        "clean_extraction_s": round(extraction_s, 2),
+        "perturb_s": round(perturb_s, 2),
+        "reembed_s": round(reembed_s, 2),
         "attack_stage_over_extraction": round((perturb_s + reembed_s) / extraction_s, 4),
-        "probe_tiles": args.probe_tiles, "probe_s": round(probe_s, 2),
+        "probe_tiles": args.probe_tiles,
+        "probe_s": round(probe_s, 2),
         "probe_per_tile_over_extraction_per_tile": round(probe_s / args.probe_tiles / per_tile_extraction, 3),
         "probe_extrapolated_to_slide_s": round(probe_s / args.probe_tiles * args.tiles, 1),
     }

@@ -51,17 +51,21 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "workflow_scripts"))
 
 sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
 
 from wsiattack import extraction, stores, tiling  # noqa: E402
-from wsiattack.tilereader import TileReader  # noqa: E402
 from wsiattack.encoders.model import TileEncoder, build_encoder, to_unit_pixels  # noqa: E402
+from wsiattack.tilereader import TileReader  # noqa: E402
 
 TILE_PX = 224
-VIT_S = {"factory": "timm:create_model", "input_px": 224, "embed_dim": 384, "readout": "cls",
-         "kwargs": {"model_name": "vit_small_patch16_224", "num_classes": 0}}
+VIT_S = {
+    "factory": "timm:create_model",
+    "input_px": 224,
+    "embed_dim": 384,
+    "readout": "cls",
+    "kwargs": {"model_name": "vit_small_patch16_224", "num_classes": 0},
+}
 
 
 def random_texture_tiles(n_tiles: int, *, seed: int = 0) -> np.ndarray:
@@ -88,7 +92,14 @@ def _clocks() -> tuple[float, float]:
 
 def time_pipeline(encoder: TileEncoder, *, store: Path, out: Path, batch_size: int) -> tuple[float, float]:
     wall, cpu = _clocks()
-    extraction.extract_slide(slide_id="bench", tiles_store=store, encoder=encoder, batch_size=batch_size, device=torch.device("cpu"), out_store=out)
+    extraction.extract_slide(
+        slide_id="bench",
+        tiles_store=store,
+        encoder=encoder,
+        batch_size=batch_size,
+        device=torch.device("cpu"),
+        out_store=out,
+    )
     end_wall, end_cpu = _clocks()
     return end_wall - wall, end_cpu - cpu
 
@@ -123,19 +134,30 @@ class InterleavedBound(nn.Module):
         return self.encoder(pixels)
 
 
-def bench_encoder(label: str, encoder: TileEncoder, *, tiles: np.ndarray, store: Path, workdir: Path, batch_size: int, repeats: int) -> dict:
+def bench_encoder(
+    label: str, encoder: TileEncoder, *, tiles: np.ndarray, store: Path, workdir: Path, batch_size: int, repeats: int
+) -> dict:
     """Separate runs (order flipped each repeat, so drifting load hits both alike), then one
     interleaved run (bound and pipeline alternating batch by batch)."""
     batches = [to_unit_pixels(tiles[s : s + batch_size]).contiguous() for s in range(0, len(tiles), batch_size)]
     time_bound(encoder, batches[:2])  # warm-up (allocator, oneDNN kernels)
     pipeline, bound = [], []
     for r in range(repeats):
-        run_pipeline = lambda: pipeline.append(time_pipeline(encoder, store=store, out=workdir / f"{label}-{r}.zarr", batch_size=batch_size))  # noqa: E731
-        run_bound = lambda: bound.append(time_bound(encoder, batches))  # noqa: E731
+
+        def run_pipeline(r: int = r) -> None:
+            pipeline.append(
+                time_pipeline(encoder, store=store, out=workdir / f"{label}-{r}.zarr", batch_size=batch_size)
+            )
+
+        def run_bound() -> None:
+            bound.append(time_bound(encoder, batches))
+
         for run in (run_pipeline, run_bound) if r % 2 == 0 else (run_bound, run_pipeline):
             run()
     interleaved = InterleavedBound(encoder, batches)
-    total_s, _ = time_pipeline(interleaved, store=store, out=workdir / f"{label}-interleaved.zarr", batch_size=batch_size)
+    total_s, _ = time_pipeline(
+        interleaved, store=store, out=workdir / f"{label}-interleaved.zarr", batch_size=batch_size
+    )
     n = len(tiles)
     wall_p, wall_b = statistics.median(w for w, _ in pipeline), statistics.median(w for w, _ in bound)
     return {
@@ -152,7 +174,9 @@ def bench_encoder(label: str, encoder: TileEncoder, *, tiles: np.ndarray, store:
     }
 
 
-def bench_from_slide(label: str, encoder: TileEncoder, *, slide: Path, workdir: Path, batch_size: int, threads: int, reader_threads: int) -> dict:
+def bench_from_slide(
+    label: str, encoder: TileEncoder, *, slide: Path, workdir: Path, batch_size: int, threads: int, reader_threads: int
+) -> dict:
     """Tile (coordinates only) + extract from the slide, against forward alone + raw read alone."""
     import bench_tiling
 
@@ -160,20 +184,44 @@ def bench_from_slide(label: str, encoder: TileEncoder, *, slide: Path, workdir: 
     store, out = workdir / f"{label}-coords.zarr", workdir / f"{label}-features.zarr"
     os.sync()
     started = time.perf_counter()
-    n = tiling.tile_slide(slide_id="bench", slide_path=slide, spec=spec, out_store=store, out_qc=workdir / f"{label}-qc.png", threads=threads)
+    n = tiling.tile_slide(
+        slide_id="bench",
+        slide_path=slide,
+        spec=spec,
+        out_store=store,
+        out_qc=workdir / f"{label}-qc.png",
+        threads=threads,
+    )
     tiled = time.perf_counter()
-    extraction.extract_slide(slide_id="bench", tiles_store=store, slide_path=slide, encoder=encoder, batch_size=batch_size, device=torch.device("cpu"), out_store=out, reader_threads=reader_threads)
+    extraction.extract_slide(
+        slide_id="bench",
+        tiles_store=store,
+        slide_path=slide,
+        encoder=encoder,
+        batch_size=batch_size,
+        device=torch.device("cpu"),
+        out_store=out,
+        reader_threads=reader_threads,
+    )
     pipeline_s, tile_s = time.perf_counter() - started, tiled - started
     _, blocks, _ = bench_tiling.raw_regions(store)
-    raw_s = bench_tiling.run_raw(slide, blocks, threads=threads, n_tiles=n, decode=bench_tiling.decode_c_buffer)["wall_s"]
+    raw_s = bench_tiling.run_raw(slide, blocks, threads=threads, n_tiles=n, decode=bench_tiling.decode_c_buffer)[
+        "wall_s"
+    ]
     with TileReader(store, slide_path=slide) as reader:
         batches = [to_unit_pixels(reader[s : s + batch_size]).contiguous() for s in range(0, n, batch_size)]
     time_bound(encoder, batches[:2])  # warm-up, as for the pipeline's first batches
     forward_s, _ = time_bound(encoder, batches)
     return {
-        "encoder": label, "tiles": n, "tile_s": tile_s, "extract_s": pipeline_s - tile_s, "pipeline_s": pipeline_s,
-        "forward_s": forward_s, "raw_read_s": raw_s,
-        "ratio": pipeline_s / (forward_s + raw_s), "overlap": (pipeline_s - tile_s) / max(forward_s, raw_s),
+        "encoder": label,
+        "tiles": n,
+        "tile_s": tile_s,
+        "extract_s": pipeline_s - tile_s,
+        "pipeline_s": pipeline_s,
+        "forward_s": forward_s,
+        "raw_read_s": raw_s,
+        "ratio": pipeline_s / (forward_s + raw_s),
+        "overlap": (pipeline_s - tile_s) / max(forward_s, raw_s),
     }
 
 
@@ -182,12 +230,27 @@ def main_from_slide(args: argparse.Namespace, encoders: dict[str, TileEncoder], 
 
     slide = workdir / "bench-region.tiff"
     bench_tiling.write_benchmark_slide(slide, cols=args.slide_cols, rows=args.slide_rows)
-    results = [bench_from_slide(label, enc, slide=slide, workdir=workdir, batch_size=args.batch_size, threads=args.threads, reader_threads=args.reader_threads) for label, enc in encoders.items()]
-    print(f"coordinate-only tiles from a {args.slide_cols} x {args.slide_rows}-cell JPEG TIFF, batch {args.batch_size}, torch threads {args.threads}, reader threads {args.reader_threads}, load {os.getloadavg()[0]:.1f}")
+    results = [
+        bench_from_slide(
+            label,
+            enc,
+            slide=slide,
+            workdir=workdir,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            reader_threads=args.reader_threads,
+        )
+        for label, enc in encoders.items()
+    ]
+    print(
+        f"coordinate-only tiles from a {args.slide_cols} x {args.slide_rows}-cell JPEG TIFF, batch {args.batch_size}, torch threads {args.threads}, reader threads {args.reader_threads}, load {os.getloadavg()[0]:.1f}"
+    )
     for r in results:
-        print(f"{r['encoder']:>18}: {r['tiles']} tiles; tile {r['tile_s']:.1f} s + extract {r['extract_s']:.1f} s = {r['pipeline_s']:.1f} s; "
-              f"forward alone {r['forward_s']:.1f} s + raw read alone {r['raw_read_s']:.1f} s = {r['forward_s'] + r['raw_read_s']:.1f} s; "
-              f"ratio {r['ratio']:.3f} (goal <= 1.1), overlap {r['overlap']:.3f}")
+        print(
+            f"{r['encoder']:>18}: {r['tiles']} tiles; tile {r['tile_s']:.1f} s + extract {r['extract_s']:.1f} s = {r['pipeline_s']:.1f} s; "
+            f"forward alone {r['forward_s']:.1f} s + raw read alone {r['raw_read_s']:.1f} s = {r['forward_s'] + r['raw_read_s']:.1f} s; "
+            f"ratio {r['ratio']:.3f} (goal <= 1.1), overlap {r['overlap']:.3f}"
+        )
     print(json.dumps(results))
 
 
@@ -198,10 +261,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--from-slide", action="store_true", help="coordinate-only tiles read from a JPEG TIFF (see the module docstring)")
+    parser.add_argument(
+        "--from-slide",
+        action="store_true",
+        help="coordinate-only tiles read from a JPEG TIFF (see the module docstring)",
+    )
     parser.add_argument("--slide-cols", type=int, default=48)
     parser.add_argument("--slide-rows", type=int, default=44)
-    parser.add_argument("--reader-threads", type=int, default=1, help="background decode threads (the extract rule's threads)")
+    parser.add_argument(
+        "--reader-threads", type=int, default=1, help="background decode threads (the extract rule's threads)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_extract_"))
@@ -212,12 +281,21 @@ def main() -> None:
     tiles = random_texture_tiles(args.tiles)
     store = workdir / "tiles.zarr"
     write_tiles_store(store, tiles)
-    results = [bench_encoder(label, enc, tiles=tiles, store=store, workdir=workdir, batch_size=args.batch_size, repeats=args.repeats) for label, enc in encoders.items()]
-    print(f"{args.tiles} tiles of {TILE_PX} px, batch {args.batch_size}, torch threads {args.threads}, {args.repeats} repeats (medians)")
+    results = [
+        bench_encoder(
+            label, enc, tiles=tiles, store=store, workdir=workdir, batch_size=args.batch_size, repeats=args.repeats
+        )
+        for label, enc in encoders.items()
+    ]
+    print(
+        f"{args.tiles} tiles of {TILE_PX} px, batch {args.batch_size}, torch threads {args.threads}, {args.repeats} repeats (medians)"
+    )
     for r in results:
-        print(f"{r['encoder']:>18}: pipeline {r['pipeline_features_per_s']:7.1f} features/s, bound {r['bound_features_per_s']:7.1f} features/s, "
-              f"ratio {r['ratio']:.3f} (CPU time {r['cpu_ratio']:.3f}); interleaved batch by batch: pipeline "
-              f"{r['interleaved_pipeline_features_per_s']:.1f}, bound {r['interleaved_bound_features_per_s']:.1f}, ratio {r['interleaved_ratio']:.3f}")
+        print(
+            f"{r['encoder']:>18}: pipeline {r['pipeline_features_per_s']:7.1f} features/s, bound {r['bound_features_per_s']:7.1f} features/s, "
+            f"ratio {r['ratio']:.3f} (CPU time {r['cpu_ratio']:.3f}); interleaved batch by batch: pipeline "
+            f"{r['interleaved_pipeline_features_per_s']:.1f}, bound {r['interleaved_bound_features_per_s']:.1f}, ratio {r['interleaved_ratio']:.3f}"
+        )
     print(json.dumps(results))
 
 

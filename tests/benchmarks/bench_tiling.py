@@ -54,12 +54,10 @@ from pathlib import Path
 import numpy as np
 import openslide
 import tifffile
+from wsiattack import stores, tiling
+from wsiattack.synthetic import render_slide
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "workflow_scripts"))
-
-from wsiattack import stores, tiling  # noqa: E402
-from wsiattack.synthetic import render_slide  # noqa: E402
 
 TIFF_TILE_PX = 256
 MPP = 0.5
@@ -73,7 +71,13 @@ SPEC = {
     "allow_objective_power": False,
     "skip_empty": False,
     "store_pixels": True,  # this bench measures the pixel-store mode (the default stores coordinates only)
-    "tissue": {"method": "otsu", "min_fraction": 0.5, "thumbnail_mpp": 8.0, "min_object_um2": 20000.0, "max_hole_um2": 20000.0},
+    "tissue": {
+        "method": "otsu",
+        "min_fraction": 0.5,
+        "thumbnail_mpp": 8.0,
+        "min_object_um2": 20000.0,
+        "max_hole_um2": 20000.0,
+    },
 }
 
 
@@ -85,7 +89,11 @@ SPEC = {
 def texture_tiles(*, n: int, seed: int = 0) -> list[np.ndarray]:
     """``n`` distinct H&E-like 256 px tiles: the most tissue-covered cells of a rendered image."""
     image = render_slide(rng=np.random.default_rng(seed), width_px=2048, height_px=2048, tumor=True)
-    cells = [image[y : y + TIFF_TILE_PX, x : x + TIFF_TILE_PX] for y in range(0, 2048, TIFF_TILE_PX) for x in range(0, 2048, TIFF_TILE_PX)]
+    cells = [
+        image[y : y + TIFF_TILE_PX, x : x + TIFF_TILE_PX]
+        for y in range(0, 2048, TIFF_TILE_PX)
+        for x in range(0, 2048, TIFF_TILE_PX)
+    ]
     stained = [float((cell.min(axis=-1) < 215).mean()) for cell in cells]
     return [np.ascontiguousarray(cells[i]) for i in np.argsort(stained)[::-1][:n]]
 
@@ -133,7 +141,9 @@ def _level0_segments(cells: np.ndarray, segments: list[bytes], glass: bytes) -> 
 def _reduced_tiles(cells: np.ndarray, textures: list[np.ndarray], downsample: int) -> Iterator[np.ndarray]:
     """Tiles of a reduced level, each assembled from box-downsampled 256 px level-0 cells."""
     block = TIFF_TILE_PX // downsample
-    small = [t.reshape(block, downsample, block, downsample, 3).mean(axis=(1, 3)).round().astype(np.uint8) for t in textures]
+    small = [
+        t.reshape(block, downsample, block, downsample, 3).mean(axis=(1, 3)).round().astype(np.uint8) for t in textures
+    ]
     glass = np.empty((block, block, 3), np.uint8)
     glass[:] = GLASS_RGB
     rows, cols = cells.shape
@@ -144,7 +154,9 @@ def _reduced_tiles(cells: np.ndarray, textures: list[np.ndarray], downsample: in
         for i, j in np.ndindex(downsample, downsample):
             row, col = tile_row * downsample + i, tile_col * downsample + j
             if row < rows and col < cols:
-                tile[i * block : (i + 1) * block, j * block : (j + 1) * block] = small[_variant(row, col)] if cells[row, col] else glass
+                tile[i * block : (i + 1) * block, j * block : (j + 1) * block] = (
+                    small[_variant(row, col)] if cells[row, col] else glass
+                )
         yield tile
 
 
@@ -157,10 +169,22 @@ def write_benchmark_slide(path: Path, *, cols: int, rows: int) -> None:
     cells = tissue_cells(cols=cols, rows=rows)
     width, height = cols * TIFF_TILE_PX, rows * TIFF_TILE_PX
     with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        tif.write(_level0_segments(cells, segments, glass), shape=(height, width, 3), dtype=np.uint8, tile=(TIFF_TILE_PX, TIFF_TILE_PX), **_page_args(0))
+        tif.write(
+            _level0_segments(cells, segments, glass),
+            shape=(height, width, 3),
+            dtype=np.uint8,
+            tile=(TIFF_TILE_PX, TIFF_TILE_PX),
+            **_page_args(0),
+        )
         for level, downsample in enumerate(DOWNSAMPLES[1:], start=1):
             shape = (math.ceil(height / downsample), math.ceil(width / downsample), 3)
-            tif.write(_reduced_tiles(cells, textures, downsample), shape=shape, dtype=np.uint8, tile=(TIFF_TILE_PX, TIFF_TILE_PX), **_page_args(level))
+            tif.write(
+                _reduced_tiles(cells, textures, downsample),
+                shape=shape,
+                dtype=np.uint8,
+                tile=(TIFF_TILE_PX, TIFF_TILE_PX),
+                **_page_args(level),
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,10 +212,27 @@ def child_main(args: argparse.Namespace) -> None:
     elif args.codec != "store":
         stores._TILES_COMPRESSOR = codec_of(args.codec)
     start_wall, start_cpu = time.perf_counter(), time.process_time()
-    n = tiling.tile_slide(slide_id="bench", slide_path=args.slide, spec=SPEC, out_store=args.out, out_qc=Path(args.out).with_suffix(".png"), threads=args.threads)
+    n = tiling.tile_slide(
+        slide_id="bench",
+        slide_path=args.slide,
+        spec=SPEC,
+        out_store=args.out,
+        out_qc=Path(args.out).with_suffix(".png"),
+        threads=args.threads,
+    )
     wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
     store_bytes = sum(f.stat().st_size for f in Path(args.out).rglob("*") if f.is_file())
-    print(json.dumps({"n": n, "wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "store_mb": store_bytes / 1e6}))
+    print(
+        json.dumps(
+            {
+                "n": n,
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "store_mb": store_bytes / 1e6,
+            }
+        )
+    )
 
 
 def run_pipeline(slide: Path, out: Path, *, threads: int, codec: str = "store") -> dict:
@@ -199,7 +240,19 @@ def run_pipeline(slide: Path, out: Path, *, threads: int, codec: str = "store") 
     # seconds to delete) must not be removed inside the timed run by atomic_store's replace.
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    command = [sys.executable, __file__, "--child", "--slide", str(slide), "--out", str(out), "--threads", str(threads), "--codec", codec]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--slide",
+        str(slide),
+        "--out",
+        str(out),
+        "--threads",
+        str(threads),
+        "--codec",
+        codec,
+    ]
     result = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -233,7 +286,9 @@ def decode_c_buffer(region: tuple[int, int, int, int], *, handle: openslide.Open
     lowlevel._read_region(handle._osr, buffer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32)), x, y, 0, w, h)
 
 
-def run_raw(slide: Path, regions: list[tuple[int, int, int, int]], *, threads: int, n_tiles: int, decode=decode_read_region) -> dict:
+def run_raw(
+    slide: Path, regions: list[tuple[int, int, int, int]], *, threads: int, n_tiles: int, decode=decode_read_region
+) -> dict:
     """OpenSlide decoding the regions with ``decode`` on ``threads`` threads, written nowhere."""
     os.sync()
     with openslide.OpenSlide(slide) as handle:
@@ -274,11 +329,28 @@ def cpu_ms(result: dict) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=None, help="where the slide and stores go (default: a temporary directory)")
-    parser.add_argument("--slide", type=Path, default=None, help="benchmark slide to reuse (written there first if missing; default: in the workdir)")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="where the slide and stores go (default: a temporary directory)"
+    )
+    parser.add_argument(
+        "--slide",
+        type=Path,
+        default=None,
+        help="benchmark slide to reuse (written there first if missing; default: in the workdir)",
+    )
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3, help="rounds, each running the pipeline, the raw bound and the variants back to back")
-    parser.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS), help="other tiles codecs to run (cname:clevel:shuffle or none)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="rounds, each running the pipeline, the raw bound and the variants back to back",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(DEFAULT_VARIANTS),
+        help="other tiles codecs to run (cname:clevel:shuffle or none)",
+    )
     parser.add_argument("--cols", type=int, default=160, help="slide width in 256 px TIFF tiles")
     parser.add_argument("--rows", type=int, default=140, help="slide height in 256 px TIFF tiles")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -302,11 +374,18 @@ def report(workdir: Path, args: argparse.Namespace) -> None:
     if not slide.exists():
         start = time.perf_counter()
         write_benchmark_slide(slide, cols=args.cols, rows=args.rows)
-        print(f"slide: {args.cols * TIFF_TILE_PX} x {args.rows * TIFF_TILE_PX} px, {slide.stat().st_size / 1e6:.0f} MB, written in {time.perf_counter() - start:.1f} s, "
-              f"generator peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB", flush=True)
+        print(
+            f"slide: {args.cols * TIFF_TILE_PX} x {args.rows * TIFF_TILE_PX} px, {slide.stat().st_size / 1e6:.0f} MB, written in {time.perf_counter() - start:.1f} s, "
+            f"generator peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB",
+            flush=True,
+        )
     slide.read_bytes()  # into the page cache: every run below reads from memory
     codec = stores._TILES_COMPRESSOR
-    pipeline = f"pipeline ({codec.cname.value}:{codec.clevel}:{codec.shuffle.value})" if codec is not None else "pipeline (no codec)"
+    pipeline = (
+        f"pipeline ({codec.cname.value}:{codec.clevel}:{codec.shuffle.value})"
+        if codec is not None
+        else "pipeline (no codec)"
+    )
     raw_names = ("raw rows", "raw blocks", "raw blocks, C buffer")
     names = [pipeline, *raw_names, *(f"pipeline, codec {v}" for v in args.variants), "write floor"]
     runs: dict[str, list[dict]] = {name: [] for name in names}
@@ -316,37 +395,58 @@ def report(workdir: Path, args: argparse.Namespace) -> None:
         rows, blocks, n_tiles = raw_regions(store)
         runs["raw rows"].append(run_raw(slide, rows, threads=args.threads, n_tiles=n_tiles))
         runs["raw blocks"].append(run_raw(slide, blocks, threads=args.threads, n_tiles=n_tiles))
-        runs["raw blocks, C buffer"].append(run_raw(slide, blocks, threads=args.threads, n_tiles=n_tiles, decode=decode_c_buffer))
+        runs["raw blocks, C buffer"].append(
+            run_raw(slide, blocks, threads=args.threads, n_tiles=n_tiles, decode=decode_c_buffer)
+        )
         for variant in args.variants:
-            runs[f"pipeline, codec {variant}"].append(run_pipeline(slide, workdir / "variant.zarr", threads=args.threads, codec=variant))
+            runs[f"pipeline, codec {variant}"].append(
+                run_pipeline(slide, workdir / "variant.zarr", threads=args.threads, codec=variant)
+            )
         runs["write floor"].append(run_write_floor(store, workdir, n_tiles=n_tiles))
         raw_i = max((runs[name][-1] for name in raw_names), key=rate)
-        print(f"round {round_ + 1}: load {load()}; raw {rate(raw_i):.0f} tiles/s; " + "; ".join(
-            f"{name} {rate(runs[name][-1]):.0f} tiles/s = {rate(runs[name][-1]) / rate(raw_i):.2f}" for name in names if name.startswith("pipeline")), flush=True)
+        print(
+            f"round {round_ + 1}: load {load()}; raw {rate(raw_i):.0f} tiles/s; "
+            + "; ".join(
+                f"{name} {rate(runs[name][-1]):.0f} tiles/s = {rate(runs[name][-1]) / rate(raw_i):.2f}"
+                for name in names
+                if name.startswith("pipeline")
+            ),
+            flush=True,
+        )
     raws = [max(round_, key=rate) for round_ in zip(*(runs[name] for name in raw_names), strict=True)]
     raw = max(raws, key=rate)
     raw_cpu = min(cpu_ms(r) for name in raw_names for r in runs[name])
-    print(f"tiles: {n_tiles} of {SPEC['tile_px']} px at {SPEC['target_mpp']} µm/px; threads={args.threads}; cpus={os.cpu_count()}; "
-          f"load average before {load_before}, after {load()} (1, 5, 15 min; other jobs share the CPUs: CPU-ms/tile is the steadier figure)")
+    print(
+        f"tiles: {n_tiles} of {SPEC['tile_px']} px at {SPEC['target_mpp']} µm/px; threads={args.threads}; cpus={os.cpu_count()}; "
+        f"load average before {load_before}, after {load()} (1, 5, 15 min; other jobs share the CPUs: CPU-ms/tile is the steadier figure)"
+    )
     for name in names:
         best = max(runs[name], key=rate)
         every = ", ".join(f"{rate(r):.0f}" for r in runs[name])
         extra = ""
         if name.startswith("pipeline"):
             ratios = sorted(rate(p) / rate(r) for p, r in zip(runs[name], raws, strict=True))
-            extra = (f"  ratio best/best {rate(best) / rate(raw):.2f}, per round median {ratios[len(ratios) // 2]:.2f}, "
-                     f"CPU {raw_cpu / min(map(cpu_ms, runs[name])):.2f}; store {best['store_mb']:.0f} MB, peak RSS {max(r['peak_rss_mb'] for r in runs[name]):.0f} MB")
-        print(f"{name:>36}: {rate(best):6.0f} tiles/s  {min(map(cpu_ms, runs[name])):5.2f} CPU-ms/tile  (runs: {every}){extra}")
+            extra = (
+                f"  ratio best/best {rate(best) / rate(raw):.2f}, per round median {ratios[len(ratios) // 2]:.2f}, "
+                f"CPU {raw_cpu / min(map(cpu_ms, runs[name])):.2f}; store {best['store_mb']:.0f} MB, peak RSS {max(r['peak_rss_mb'] for r in runs[name]):.0f} MB"
+            )
+        print(
+            f"{name:>36}: {rate(best):6.0f} tiles/s  {min(map(cpu_ms, runs[name])):5.2f} CPU-ms/tile  (runs: {every}){extra}"
+        )
     floor_cpu = min(map(cpu_ms, runs["write floor"]))
     ceiling = raw_cpu / (raw_cpu + floor_cpu)
-    print(f"ceiling: decoding ({raw_cpu:.2f} CPU-ms/tile) plus only the kernel's cost of writing the store's bytes ({floor_cpu:.2f}) gives at most {ceiling:.2f}")
+    print(
+        f"ceiling: decoding ({raw_cpu:.2f} CPU-ms/tile) plus only the kernel's cost of writing the store's bytes ({floor_cpu:.2f}) gives at most {ceiling:.2f}"
+    )
     best = max(runs[pipeline], key=rate)
     ratios = sorted(rate(p) / rate(r) for p, r in zip(runs[pipeline], raws, strict=True))
-    print(f"RESULT: pipeline {rate(best):.0f} tiles/s, raw bound {rate(raw):.0f} tiles/s, ratio {rate(best) / rate(raw):.2f} "
-          f"(best of {args.repeats} each; per-round median {ratios[len(ratios) // 2]:.2f}; in CPU-ms/tile {raw_cpu / min(map(cpu_ms, runs[pipeline])):.2f}; goal >= 0.8; "
-          f"write-floor ceiling {ceiling:.2f}), "
-          f"peak RSS {max(r['peak_rss_mb'] for r in runs[pipeline]):.0f} MB (goal <= 1536 MB), store {best['store_mb']:.0f} MB for {n_tiles} tiles, "
-          f"load {load_before} -> {load()}")
+    print(
+        f"RESULT: pipeline {rate(best):.0f} tiles/s, raw bound {rate(raw):.0f} tiles/s, ratio {rate(best) / rate(raw):.2f} "
+        f"(best of {args.repeats} each; per-round median {ratios[len(ratios) // 2]:.2f}; in CPU-ms/tile {raw_cpu / min(map(cpu_ms, runs[pipeline])):.2f}; goal >= 0.8; "
+        f"write-floor ceiling {ceiling:.2f}), "
+        f"peak RSS {max(r['peak_rss_mb'] for r in runs[pipeline]):.0f} MB (goal <= 1536 MB), store {best['store_mb']:.0f} MB for {n_tiles} tiles, "
+        f"load {load_before} -> {load()}"
+    )
 
 
 if __name__ == "__main__":

@@ -38,7 +38,14 @@ from wsiattack.synthetic import render_slide  # noqa: E402
 
 TILE_PX = 224
 EPS = "4/255"
-FULL = {"encoders": ["uni", "h_optimus_0"], "tiles": 2048, "attack_tiles": 32, "batch_size": 64, "steps": 10, "cw_rounds": 2}
+FULL = {
+    "encoders": ["uni", "h_optimus_0"],
+    "tiles": 2048,
+    "attack_tiles": 32,
+    "batch_size": 64,
+    "steps": 10,
+    "cw_rounds": 2,
+}
 SMALL = {"encoders": ["demo"], "tiles": 48, "attack_tiles": 4, "batch_size": 16, "steps": 3, "cw_rounds": 2}
 
 
@@ -52,7 +59,10 @@ def attack_entries(*, k: int, n_tiles: int, steps: int, cw_rounds: int) -> dict[
         "noise": {"method": "noise", "eps": EPS},
         "null": {"method": "noise", "eps": 0},
     }
-    return {name: {"name": name, **check_attack_entry({**entry, "budget": budget, "seed": 0}, where=f"check.{name}")} for name, entry in raw.items()}
+    return {
+        name: {"name": name, **check_attack_entry({**entry, "budget": budget, "seed": 0}, where=f"check.{name}")}
+        for name, entry in raw.items()
+    }
 
 
 def random_weights_encoder(name: str) -> TileEncoder:
@@ -69,7 +79,11 @@ def random_weights_encoder(name: str) -> TileEncoder:
         for module in backbone.modules():
             if isinstance(getattr(module, "gamma", None), torch.nn.Parameter):
                 module.gamma.fill_(1.0)
-    return TileEncoder(spec, backbone, weights_id=f"random-init:{name}", weights_source="random init, layer scale 1").eval().requires_grad_(False)
+    return (
+        TileEncoder(spec, backbone, weights_id=f"random-init:{name}", weights_source="random init, layer scale 1")
+        .eval()
+        .requires_grad_(False)
+    )
 
 
 def synthetic_tiles(n_tiles: int, *, seed: int = 0) -> np.ndarray:
@@ -79,7 +93,9 @@ def synthetic_tiles(n_tiles: int, *, seed: int = 0) -> np.ndarray:
     out = np.empty((n_tiles, TILE_PX, TILE_PX, 3), np.uint8)
     for i in range(n_tiles):
         y, x = rng.integers(0, image.shape[0] - TILE_PX, size=2)
-        out[i] = np.rot90(image[y : y + TILE_PX, x : x + TILE_PX], k=int(rng.integers(4)))[:, :: 1 - 2 * int(rng.integers(2))]
+        out[i] = np.rot90(image[y : y + TILE_PX, x : x + TILE_PX], k=int(rng.integers(4)))[
+            :, :: 1 - 2 * int(rng.integers(2))
+        ]
     return out
 
 
@@ -100,37 +116,70 @@ def check_encoder(name: str, *, settings: dict, device: torch.device, workdir: P
     failures: list[str] = []
     encoder = random_weights_encoder(name)
     n_params = sum(p.numel() for p in encoder.parameters())
-    print(f"[{name}] {encoder.spec.architecture}, {n_params / 1e6:.1f} M parameters, precision {encoder.spec.precision} on {device}")
+    print(
+        f"[{name}] {encoder.spec.architecture}, {n_params / 1e6:.1f} M parameters, precision {encoder.spec.precision} on {device}"
+    )
     pixels = synthetic_tiles(settings["tiles"])
     tiles = write_pixel_store(workdir / f"{name}-tiles.zarr", pixels)
     features_path = workdir / f"{name}-features.zarr"
     started = time.perf_counter()
-    extraction.extract_slide(slide_id="check", tiles_store=tiles, encoder=encoder, batch_size=settings["batch_size"], device=device, out_store=features_path)
+    extraction.extract_slide(
+        slide_id="check",
+        tiles_store=tiles,
+        encoder=encoder,
+        batch_size=settings["batch_size"],
+        device=device,
+        out_store=features_path,
+    )
     _synchronise(device)
     seconds = time.perf_counter() - started
     clean = np.asarray(stores.open_store(features_path, kind=stores.FEATURES)["features"][...])
-    print(f"[{name}] extraction: {len(clean)} tiles in {seconds:.1f} s = {len(clean) / seconds:.1f} tiles/s (batch {settings['batch_size']}, first batch included)")
+    print(
+        f"[{name}] extraction: {len(clean)} tiles in {seconds:.1f} s = {len(clean) / seconds:.1f} tiles/s (batch {settings['batch_size']}, first batch included)"
+    )
     if not np.isfinite(clean).all():
         failures.append(f"{name}: clean features not finite")
     shifts = {}
-    for attack, spec in attack_entries(k=settings["attack_tiles"], n_tiles=settings["tiles"], steps=settings["steps"], cw_rounds=settings["cw_rounds"]).items():
+    for attack, spec in attack_entries(
+        k=settings["attack_tiles"], n_tiles=settings["tiles"], steps=settings["steps"], cw_rounds=settings["cw_rounds"]
+    ).items():
         attack_path, reembedded_path = workdir / f"{name}-{attack}.zarr", workdir / f"{name}-{attack}-reembedded.zarr"
         started = time.perf_counter()
-        k = perturb_slide(slide_id="check", tiles_store=tiles, encoder=encoder, spec=spec, out_store=attack_path, device=device)
+        k = perturb_slide(
+            slide_id="check", tiles_store=tiles, encoder=encoder, spec=spec, out_store=attack_path, device=device
+        )
         _synchronise(device)
         attack_s = time.perf_counter() - started
-        extraction.reembed_slide(slide_id="check", attack_store=attack_path, encoder=encoder, batch_size=settings["batch_size"], device=device, out_store=reembedded_path)
-        store, again = stores.open_store(attack_path, kind=stores.ATTACK), stores.open_store(reembedded_path, kind=stores.REEMBEDDED)
+        extraction.reembed_slide(
+            slide_id="check",
+            attack_store=attack_path,
+            encoder=encoder,
+            batch_size=settings["batch_size"],
+            device=device,
+            out_store=reembedded_path,
+        )
+        store, again = (
+            stores.open_store(attack_path, kind=stores.ATTACK),
+            stores.open_store(reembedded_path, kind=stores.REEMBEDDED),
+        )
         index, features = np.asarray(store["index"][...]), np.asarray(again["features"][...])
         failures += _bound_failures(f"{name}/{attack}", store, spec, clean_tiles=pixels)
         if not np.isfinite(features).all():
             failures.append(f"{name}/{attack}: re-embedded features not finite")
         shifts[attack] = float(cosine_distance(features, clean[index]).mean())
         evaluations = int(np.asarray(store["iterations"][...]).max()) if len(index) else 0
-        print(f"[{name}] {attack:>8}: {k} tiles in {attack_s:.1f} s = {k / attack_s:.2f} tiles/s ({evaluations} gradient evaluations each); 1 − cos {shifts[attack]:.3g}")
+        print(
+            f"[{name}] {attack:>8}: {k} tiles in {attack_s:.1f} s = {k / attack_s:.2f} tiles/s ({evaluations} gradient evaluations each); 1 − cos {shifts[attack]:.3g}"
+        )
     if not shifts["null"] < shifts["noise"]:
-        failures.append(f"{name}: the null control moved features ({shifts['null']:.3g}) no less than the noise control ({shifts['noise']:.3g}): precision or batch composition alone shifts them")
-    failures += [f"{name}/{a}: shift {shifts[a]:.3g} not above the noise control's {shifts['noise']:.3g}" for a in ("pgd_linf", "pgd_l2", "cw") if not shifts[a] > shifts["noise"]]
+        failures.append(
+            f"{name}: the null control moved features ({shifts['null']:.3g}) no less than the noise control ({shifts['noise']:.3g}): precision or batch composition alone shifts them"
+        )
+    failures += [
+        f"{name}/{a}: shift {shifts[a]:.3g} not above the noise control's {shifts['noise']:.3g}"
+        for a in ("pgd_linf", "pgd_l2", "cw")
+        if not shifts[a] > shifts["noise"]
+    ]
     return failures
 
 
@@ -162,14 +211,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     settings = dict(SMALL if args.small else FULL)
-    settings.update({key: value for key, value in (("encoders", args.encoders), ("tiles", args.tiles), ("attack_tiles", args.attack_tiles)) if value})
+    settings.update(
+        {
+            key: value
+            for key, value in (("encoders", args.encoders), ("tiles", args.tiles), ("attack_tiles", args.attack_tiles))
+            if value
+        }
+    )
     device = runtime.resolve_device("cpu" if args.small and args.device == "auto" else args.device)
     if not args.small and device.type != "cuda":
         print("no CUDA device: the full check has nothing to check here (run with --small for the CPU-sized variant)")
         return 0
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="wsiattack-gpu-check-") as scratch:
-        failures = [f for name in settings["encoders"] for f in check_encoder(name, settings=settings, device=device, workdir=Path(scratch))]
+        failures = [
+            f
+            for name in settings["encoders"]
+            for f in check_encoder(name, settings=settings, device=device, workdir=Path(scratch))
+        ]
     for failure in failures:
         print(f"FAILED: {failure}")
     print("CHECK FAILED" if failures else "CHECK PASSED")

@@ -8,6 +8,7 @@ markers; the Snakefile's `localrules` never reach the cluster and are left out. 
 expressions of `attempt`, so a job that SLURM kills for memory or time is retried (the profile's
 `retries`) with twice, then three times, as much.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -128,7 +128,9 @@ def _check_encoders(config: dict[str, Any]) -> None:
     for name in config["encoders"]:
         if name not in registry.ENCODERS and name not in custom:
             known = ", ".join([*registry.ENCODERS, *custom])
-            raise ConfigError(f"config: encoders: unknown encoder {name!r} (known: {known}; or define it under custom_encoders)")
+            raise ConfigError(
+                f"config: encoders: unknown encoder {name!r} (known: {known}; or define it under custom_encoders)"
+            )
         try:
             registry.preflight(name, **{k: v for k, v in encoder_spec(config, name).items() if k != "name"})
         except EncoderError as error:
@@ -140,7 +142,11 @@ def _check_encoders(config: dict[str, Any]) -> None:
 
 def encoder_spec(config: Mapping[str, Any], name: str) -> dict[str, Any]:
     """What builds encoder ``name``: ``build_encoder(**spec)``. Part of the extract/perturb/reembed specs."""
-    return {"name": name, "checkpoint": config["encoder_weights"].get(name), "custom": config["custom_encoders"].get(name)}
+    return {
+        "name": name,
+        "checkpoint": config["encoder_weights"].get(name),
+        "custom": config["custom_encoders"].get(name),
+    }
 
 
 def parse_pixel_fraction(value: float | str, *, where: str) -> float:

@@ -22,7 +22,9 @@ MARKING_COLUMNS = ("label_free", "threat_model")  # per-slide CSV and summary: w
 
 
 def read_features(paths: Sequence[str | Path]) -> dict[str, np.ndarray]:
-    return {stores.slide_id_of(p): np.asarray(stores.open_store(p, kind=stores.FEATURES)["features"][...]) for p in paths}
+    return {
+        stores.slide_id_of(p): np.asarray(stores.open_store(p, kind=stores.FEATURES)["features"][...]) for p in paths
+    }
 
 
 def attacked_bag(clean: np.ndarray, *, index: np.ndarray, replacement: np.ndarray) -> np.ndarray:
@@ -37,7 +39,9 @@ def usable(splits: pd.DataFrame, features: Mapping[str, np.ndarray]) -> pd.DataF
     return splits[[len(features[s]) > 0 for s in splits["slide_id"]]]
 
 
-def train_fold(*, splits_csv: str | Path, feature_stores: Sequence[str | Path], spec: Mapping[str, Any], out_model: str | Path) -> None:
+def train_fold(
+    *, splits_csv: str | Path, feature_stores: Sequence[str | Path], spec: Mapping[str, Any], out_model: str | Path
+) -> None:
     """Train one MIL head on the clean features of every slide not in test fold ``spec['fold']``.
 
     With ``spec['val_fraction'] > 0`` an inner split of those slides (by patient, stratified)
@@ -57,18 +61,42 @@ def train_fold(*, splits_csv: str | Path, feature_stores: Sequence[str | Path], 
     train, val = fold_train[~is_val], fold_train[is_val]
 
     def bags_and_labels(rows: pd.DataFrame) -> tuple[list[torch.Tensor], list[int]]:
-        return [torch.from_numpy(features[s]) for s in rows["slide_id"]], [classes.index(label) for label in rows["label"]]
+        return [torch.from_numpy(features[s]) for s in rows["slide_id"]], [
+            classes.index(label) for label in rows["label"]
+        ]
 
     bags, labels = bags_and_labels(train)
     val_bags, val_labels = bags_and_labels(val)
-    training = MILTrainingSpec(model=spec["model"], epochs=spec["epochs"], lr=spec["lr"], weight_decay=spec["weight_decay"],
-                               seed=seed, patience=spec["patience"], hparams=spec.get("hparams", {}))
-    result = train_mil(bags=bags, labels=labels, n_classes=len(classes), spec=training, val_bags=val_bags, val_labels=val_labels)
-    meta = {"fold": spec["fold"], "classes": classes, "train_slides": list(train["slide_id"]),
-            "val_slides": list(val["slide_id"]), "training": result.record(), "spec": dict(spec)}
+    training = MILTrainingSpec(
+        model=spec["model"],
+        epochs=spec["epochs"],
+        lr=spec["lr"],
+        weight_decay=spec["weight_decay"],
+        seed=seed,
+        patience=spec["patience"],
+        hparams=spec.get("hparams", {}),
+    )
+    result = train_mil(
+        bags=bags, labels=labels, n_classes=len(classes), spec=training, val_bags=val_bags, val_labels=val_labels
+    )
+    meta = {
+        "fold": spec["fold"],
+        "classes": classes,
+        "train_slides": list(train["slide_id"]),
+        "val_slides": list(val["slide_id"]),
+        "training": result.record(),
+        "spec": dict(spec),
+    }
     save_mil_checkpoint(Path(out_model), model=result.model, meta=meta)
-    log.info("fold %d: trained %s on %d slides (%d validation), kept epoch %d of %d",
-             spec["fold"], spec["model"], len(bags), len(val_bags), result.best_epoch, result.epochs_run)
+    log.info(
+        "fold %d: trained %s on %d slides (%d validation), kept epoch %d of %d",
+        spec["fold"],
+        spec["model"],
+        len(bags),
+        len(val_bags),
+        result.best_epoch,
+        result.epochs_run,
+    )
 
 
 def evaluate_attack(
@@ -100,7 +128,19 @@ def evaluate_attack(
         model = models[record["fold"]]
         shift = _cosine_distance(clean[index], attacked[index])
         marking = threat_marking(replaced[slide_id].attrs["attack"])
-        rows.append({**_score(model, clean, attacked, index=index, classes=classes), "tile_cosine_distance": shift, "slide_id": slide_id, "fold": record["fold"], "label": record["label"], "label_idx": list(classes).index(record["label"]), "n_tiles": len(clean), "k": len(index), **marking})
+        rows.append(
+            {
+                **_score(model, clean, attacked, index=index, classes=classes),
+                "tile_cosine_distance": shift,
+                "slide_id": slide_id,
+                "fold": record["fold"],
+                "label": record["label"],
+                "label_idx": list(classes).index(record["label"]),
+                "n_tiles": len(clean),
+                "k": len(index),
+                **marking,
+            }
+        )
     columns = ["slide_id", "fold", "label", "label_idx", "n_tiles", "k", *MARKING_COLUMNS]
     table = pd.DataFrame(rows)
     return table[columns + [c for c in table.columns if c not in columns]]
@@ -108,8 +148,10 @@ def evaluate_attack(
 
 def true_class_drop(table: pd.DataFrame, *, classes: Sequence[str]) -> pd.Series:
     """Per slide: clean minus attacked probability of its true class (positive = the attack worked)."""
-    clean = np.array([table.at[i, f"clean_prob_{label}"] for i, label in zip(table.index, table["label"])])
-    attacked = np.array([table.at[i, f"attacked_prob_{label}"] for i, label in zip(table.index, table["label"])])
+    clean = np.array([table.at[i, f"clean_prob_{label}"] for i, label in zip(table.index, table["label"], strict=True)])
+    attacked = np.array(
+        [table.at[i, f"attacked_prob_{label}"] for i, label in zip(table.index, table["label"], strict=True)]
+    )
     return pd.Series(clean - attacked, index=table.index, name="true_class_drop")
 
 
@@ -126,29 +168,47 @@ def write_most_affected_weights(
     """The head's tile weights on the clean and the attacked bag of the ``n_slides`` slides whose
     true class lost most probability (ties: slide order), for the heatmaps; one group per slide."""
     drop = true_class_drop(table, classes=classes)
-    chosen = table.assign(true_class_drop=drop).sort_values("true_class_drop", ascending=False, kind="stable").head(n_slides)
+    chosen = (
+        table.assign(true_class_drop=drop).sort_values("true_class_drop", ascending=False, kind="stable").head(n_slides)
+    )
     models = {meta["fold"]: model for model, meta in map(load_mil_checkpoint, map(Path, model_paths))}
     attrs = {"slides": list(chosen["slide_id"]), "ranking": "clean minus attacked probability of the true class"}
     with stores.atomic_store(out_store, kind=stores.TILE_WEIGHTS, attrs=attrs) as group:
         for record in chosen.to_dict("records"):
             slide_id = record["slide_id"]
-            clean = np.asarray(stores.open_store(stores.find_slide_store(feature_dirs, slide_id), kind=stores.FEATURES)["features"][...])
+            clean = np.asarray(
+                stores.open_store(stores.find_slide_store(feature_dirs, slide_id), kind=stores.FEATURES)["features"][
+                    ...
+                ]
+            )
             replaced = stores.open_store(stores.find_slide_store(reembedded_dirs, slide_id), kind=stores.REEMBEDDED)
             index = np.asarray(replaced["index"][...])
             attacked = attacked_bag(clean, index=index, replacement=np.asarray(replaced["features"][...]))
             slide = group.create_group(slide_id)
-            slide.attrs.update({"label": record["label"], "fold": int(record["fold"]), "true_class_drop": float(record["true_class_drop"])})
+            slide.attrs.update(
+                {
+                    "label": record["label"],
+                    "fold": int(record["fold"]),
+                    "true_class_drop": float(record["true_class_drop"]),
+                }
+            )
             for name, bag in (("clean", clean), ("attacked", attacked)):
-                stores.write_array(slide, f"{name}_weights", predict_bag(models[record["fold"]], torch.from_numpy(bag))[1].astype(np.float32))
+                stores.write_array(
+                    slide,
+                    f"{name}_weights",
+                    predict_bag(models[record["fold"]], torch.from_numpy(bag))[1].astype(np.float32),
+                )
             stores.write_array(slide, "index", index)
 
 
-def _score(model, clean: np.ndarray, attacked: np.ndarray, *, index: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+def _score(
+    model, clean: np.ndarray, attacked: np.ndarray, *, index: np.ndarray, classes: Sequence[str]
+) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for name, bag in (("clean", clean), ("attacked", attacked)):
         prob, attention = predict_bag(model, torch.from_numpy(bag))
         row[f"{name}_pred"] = int(np.argmax(prob))
-        row.update({f"{name}_prob_{c}": float(p) for c, p in zip(classes, prob)})
+        row.update({f"{name}_prob_{c}": float(p) for c, p in zip(classes, prob, strict=True)})
         row[f"{name}_attention_on_perturbed"] = float(attention[index].sum())
     return row
 

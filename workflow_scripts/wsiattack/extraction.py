@@ -21,7 +21,17 @@ from wsiattack.tilereader import TileReader
 log = logging.getLogger(__name__)
 
 
-def extract_slide(*, slide_id: str, tiles_store: str | Path, encoder: TileEncoder, batch_size: int, device: torch.device, out_store: str | Path, slide_path: str | Path | None = None, reader_threads: int = 1) -> int:
+def extract_slide(
+    *,
+    slide_id: str,
+    tiles_store: str | Path,
+    encoder: TileEncoder,
+    batch_size: int,
+    device: torch.device,
+    out_store: str | Path,
+    slide_path: str | Path | None = None,
+    reader_threads: int = 1,
+) -> int:
     """Embed every tile of a tiles store into a features store; return N.
 
     Pixels come from ``TileReader``: decoded from the slide (``slide_path``, default the path
@@ -31,21 +41,43 @@ def extract_slide(*, slide_id: str, tiles_store: str | Path, encoder: TileEncode
     with TileReader(tiles_store, slide_path=slide_path, threads=reader_threads) as tiles:
         features = embed_tiles(encoder, tiles, batch_size=batch_size, device=device, label=slide_id)
     seconds = time.perf_counter() - started
-    log.info("%s: %d tiles embedded in %.1f s (%.1f tiles/s) on %s", slide_id, len(features), seconds, len(features) / max(seconds, 1e-9), device)
+    log.info(
+        "%s: %d tiles embedded in %.1f s (%.1f tiles/s) on %s",
+        slide_id,
+        len(features),
+        seconds,
+        len(features) / max(seconds, 1e-9),
+        device,
+    )
     attrs = {"slide_id": slide_id, **encoder.describe(), "device_type": device.type}
     with stores.atomic_store(out_store, kind=stores.FEATURES, attrs=attrs) as group:
         stores.write_array(group, "features", features, chunk_rows=4096)
     return len(features)
 
 
-def reembed_slide(*, slide_id: str, attack_store: str | Path, encoder: TileEncoder, batch_size: int, device: torch.device, out_store: str | Path) -> int:
+def reembed_slide(
+    *,
+    slide_id: str,
+    attack_store: str | Path,
+    encoder: TileEncoder,
+    batch_size: int,
+    device: torch.device,
+    out_store: str | Path,
+) -> int:
     """Embed only the k adversarial tiles (same code path and precision as clean extraction)."""
     attack = stores.open_store(attack_store, kind=stores.ATTACK)
     index = np.asarray(attack["index"][...])
-    features = embed_tiles(encoder, attack["adv_tiles"], batch_size=batch_size, device=device, label=f"{slide_id} (adversarial)")
-    attrs = {"slide_id": slide_id, **encoder.describe(), "attack": attack.attrs["attack"], **threat_marking(attack.attrs["attack"]), "device_type": device.type}
+    features = embed_tiles(
+        encoder, attack["adv_tiles"], batch_size=batch_size, device=device, label=f"{slide_id} (adversarial)"
+    )
+    attrs = {
+        "slide_id": slide_id,
+        **encoder.describe(),
+        "attack": attack.attrs["attack"],
+        **threat_marking(attack.attrs["attack"]),
+        "device_type": device.type,
+    }
     with stores.atomic_store(out_store, kind=stores.REEMBEDDED, attrs=attrs) as group:
         stores.write_array(group, "index", index)
         stores.write_array(group, "features", features)
     return len(index)
-

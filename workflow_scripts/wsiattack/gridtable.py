@@ -30,9 +30,13 @@ def grid_cells(summary: pd.DataFrame, sweep: dict) -> pd.DataFrame:
     entries = expand_sweep(sweep)
     missing = sorted(set(entries) - set(summary["attack"]))
     if missing:
-        raise ConfigError(f"summary has no rows for {len(missing)} sweep entries, e.g. {missing[0]!r}: run the sweep first")
+        raise ConfigError(
+            f"summary has no rows for {len(missing)} sweep entries, e.g. {missing[0]!r}: run the sweep first"
+        )
     rows = summary[summary["attack"].isin(entries)]
-    wide = rows.pivot_table(index=["encoder", "mil", "attack"], columns="metric", values=["drop", "attacked"], aggfunc="first")
+    wide = rows.pivot_table(
+        index=["encoder", "mil", "attack"], columns="metric", values=["drop", "attacked"], aggfunc="first"
+    )
     cells = pd.DataFrame(
         {
             "accuracy_drop": wide[("drop", "accuracy")],
@@ -59,12 +63,21 @@ def markdown_tables(cells: pd.DataFrame, *, methods: list[str]) -> str:
     cells = cells.assign(norm_order=cells["norm"].map({"linf": 0, "l2": 1}))  # L∞ first
     for (encoder, mil, fraction, _, norm), group in cells.groupby(["encoder", "mil", "fraction", "norm_order", "norm"]):
         eps = sorted(group["eps_255"].unique())
-        out += [f"**{encoder} / {mil}, budget {fraction:g} of each slide's tiles, {NORM_HEADINGS[norm]}.** Cell: accuracy drop / flip rate / mean tile cosine distance.", ""]
+        out += [
+            f"**{encoder} / {mil}, budget {fraction:g} of each slide's tiles, {NORM_HEADINGS[norm]}.** Cell: accuracy drop / flip rate / mean tile cosine distance.",
+            "",
+        ]
         out += ["| method | " + " | ".join(f"eps {e:g}/255" for e in eps) + " |", "|---|" + "---|" * len(eps)]
         by_cell = group.set_index(["method", "eps_255"])
         for method in (m for m in methods if m in set(group["method"])):
             values = [by_cell.loc[(method, e)] for e in eps]
-            out.append(f"| {method} | " + " | ".join(f"{v.accuracy_drop:+.2f} / {v.flip_rate:.2f} / {v.tile_cosine_distance:.3g}" for v in values) + " |")
+            out.append(
+                f"| {method} | "
+                + " | ".join(
+                    f"{v.accuracy_drop:+.2f} / {v.flip_rate:.2f} / {v.tile_cosine_distance:.3g}" for v in values
+                )
+                + " |"
+            )
         out.append("")
     return "\n".join(out)
 

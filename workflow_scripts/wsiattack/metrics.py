@@ -86,7 +86,14 @@ class _PairedPredictions:
         )
 
 
-def summarize_attack(eval_df: pd.DataFrame, *, classes: Sequence[str], n_bootstrap: int, seed: int, patients: Mapping[str, str] | None = None) -> pd.DataFrame:
+def summarize_attack(
+    eval_df: pd.DataFrame,
+    *,
+    classes: Sequence[str],
+    n_bootstrap: int,
+    seed: int,
+    patients: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
     """Clean vs. attacked metrics of one (encoder, MIL model, attack) with paired bootstrap CIs of the drop.
 
     ``eval_df`` has one row per slide: ``slide_id, label, label_idx, clean_pred, attacked_pred``
@@ -151,7 +158,9 @@ def _patient_groups(slide_ids: pd.Series, patients: Mapping[str, str] | None) ->
     return pd.factorize(np.asarray([patients[s] for s in slide_ids]))[0]
 
 
-def _bootstrap_drops(predictions: _PairedPredictions, *, n_classes: int, n_bootstrap: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+def _bootstrap_drops(
+    predictions: _PairedPredictions, *, n_classes: int, n_bootstrap: int, seed: int, groups: np.ndarray | None = None
+) -> np.ndarray:
     """(n_bootstrap, n_metrics) drops; clean and attacked share each resample (paired).
 
     A resample is a vector of counts (how often each slide was drawn), and every metric is
@@ -167,13 +176,27 @@ def _bootstrap_drops(predictions: _PairedPredictions, *, n_classes: int, n_boots
     group_counts = np.zeros((n_bootstrap, n_groups))
     np.add.at(group_counts, (np.arange(n_bootstrap)[:, None], draws), 1.0)
     counts = group_counts[:, groups]  # every slide drawn as often as its patient
-    clean = _weighted_metrics(counts, y_true=predictions.y_true, prob=predictions.clean_prob, y_pred=predictions.clean_pred, n_classes=n_classes)
-    attacked = _weighted_metrics(counts, y_true=predictions.y_true, prob=predictions.attacked_prob, y_pred=predictions.attacked_pred, n_classes=n_classes)
+    clean = _weighted_metrics(
+        counts,
+        y_true=predictions.y_true,
+        prob=predictions.clean_prob,
+        y_pred=predictions.clean_pred,
+        n_classes=n_classes,
+    )
+    attacked = _weighted_metrics(
+        counts,
+        y_true=predictions.y_true,
+        prob=predictions.attacked_prob,
+        y_pred=predictions.attacked_pred,
+        n_classes=n_classes,
+    )
     flip_rate = counts @ (predictions.clean_pred != predictions.attacked_pred) / counts.sum(axis=1)
     return np.column_stack([clean - attacked, -flip_rate]) if n_bootstrap else np.empty((0, len(SUMMARY_METRICS)))
 
 
-def _weighted_metrics(counts: np.ndarray, *, y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+def _weighted_metrics(
+    counts: np.ndarray, *, y_true: np.ndarray, prob: np.ndarray, y_pred: np.ndarray, n_classes: int
+) -> np.ndarray:
     """(B, 4) CLASSIFICATION_METRICS of B resamples given as slide counts (B, n). Classes absent
     from both labels and predictions of a resample are left out of the macro averages, as sklearn
     does; AUROC is NaN where a class is missing."""
@@ -266,5 +289,13 @@ def embedding_shift(eval_df: pd.DataFrame) -> pd.DataFrame:
     One row shaped like ``summarize_attack``'s; clean is 0 by definition, no CI.
     """
     value = float(eval_df["tile_cosine_distance"].mean())
-    row = {"metric": "tile_cosine_distance", "clean": 0.0, "attacked": value, "drop": -value, "drop_ci_low": np.nan, "drop_ci_high": np.nan, "n_slides": len(eval_df)}
+    row = {
+        "metric": "tile_cosine_distance",
+        "clean": 0.0,
+        "attacked": value,
+        "drop": -value,
+        "drop_ci_low": np.nan,
+        "drop_ci_high": np.nan,
+        "n_slides": len(eval_df),
+    }
     return pd.DataFrame([row], columns=list(SUMMARY_COLUMNS))

@@ -44,7 +44,15 @@ def usable_registry_encoders() -> list[str]:
 
 def study_config(*, n_encoders: int, n_attacks: int, n_shards: int, samples: str, checkpoint: str) -> dict:
     names = usable_registry_encoders()[:n_encoders]
-    custom = {f"custom_{i}": {"factory": "torchvision.models:resnet18", "input_px": 224, "embed_dim": 1000, "readout": "output"} for i in range(n_encoders - len(names))}
+    custom = {
+        f"custom_{i}": {
+            "factory": "torchvision.models:resnet18",
+            "input_px": 224,
+            "embed_dim": 1000,
+            "readout": "output",
+        }
+        for i in range(n_encoders - len(names))
+    }
     return {
         "samples": samples,
         "classes": ["normal", "tumor"],
@@ -52,7 +60,10 @@ def study_config(*, n_encoders: int, n_attacks: int, n_shards: int, samples: str
         "encoders": [*names, *custom],
         "encoder_weights": {name: checkpoint for name in names if name != "demo"},
         "custom_encoders": custom,
-        "attacks": {f"pgd_{i:02d}": {"method": "pgd", "eps": f"{1 + i % 16}/255", "steps": 10, "seed": i} for i in range(n_attacks)},
+        "attacks": {
+            f"pgd_{i:02d}": {"method": "pgd", "eps": f"{1 + i % 16}/255", "steps": 10, "seed": i}
+            for i in range(n_attacks)
+        },
     }
 
 
@@ -71,7 +82,9 @@ def write_study(workdir: Path, *, n_slides: int, n_encoders: int, n_attacks: int
     (workdir / "samples.csv").write_text("\n".join(rows) + "\n")
     checkpoint = workdir / "weights.safetensors"
     checkpoint.write_bytes(b"placeholder: a dry run never loads weights")
-    config = study_config(n_encoders=n_encoders, n_attacks=n_attacks, n_shards=n_shards, samples="samples.csv", checkpoint=str(checkpoint))
+    config = study_config(
+        n_encoders=n_encoders, n_attacks=n_attacks, n_shards=n_shards, samples="samples.csv", checkpoint=str(checkpoint)
+    )
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -79,7 +92,20 @@ def write_study(workdir: Path, *, n_slides: int, n_encoders: int, n_attacks: int
 
 def dry_run(workdir: Path, config: Path) -> dict:
     """Jobs per rule, DAG build wall time and peak RSS of ``snakemake --dry-run``."""
-    command = [sys.executable, "-m", "snakemake", "--dry-run", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile", str(config), "--cores", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--dry-run",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(config),
+        "--cores",
+        "1",
+    ]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -123,28 +149,55 @@ def pilot_costs(results: Path, *, encoder: str) -> dict:
         if (total := int(sum(e.sum() for e in evals))) == 0:
             continue  # the noise control: no gradient
         evals_per_tile += [float(e.mean()) for e in evals if len(e)]
-        attack_rows.append((total, _wall_s(results / "benchmarks" / "attack" / f"{attack}_{encoder}_{shard_dir.name}.tsv")))
+        attack_rows.append(
+            (total, _wall_s(results / "benchmarks" / "attack" / f"{attack}_{encoder}_{shard_dir.name}.tsv"))
+        )
     if not extract_rows or not attack_rows:
         raise SystemExit(f"{results}: no finished extract and gradient attack jobs of encoder {encoder!r} to measure")
     extract_start_s, extract_s_per_tile = _fit_start_up(extract_rows)
     attack_start_s, attack_s_per_eval = _fit_start_up(attack_rows)
     return {
-        "encoder": encoder, "extract_jobs": len(extract_rows), "attack_jobs": len(attack_rows),
-        "extract_start_up_s": extract_start_s, "extract_s_per_tile": extract_s_per_tile,
-        "attack_start_up_s": attack_start_s, "attack_s_per_gradient_evaluation": attack_s_per_eval,
-        "tiles_per_slide": float(np.mean(tiles_per_slide)), "gradient_evaluations_per_tile": float(np.mean(evals_per_tile)),
+        "encoder": encoder,
+        "extract_jobs": len(extract_rows),
+        "attack_jobs": len(attack_rows),
+        "extract_start_up_s": extract_start_s,
+        "extract_s_per_tile": extract_s_per_tile,
+        "attack_start_up_s": attack_start_s,
+        "attack_s_per_gradient_evaluation": attack_s_per_eval,
+        "tiles_per_slide": float(np.mean(tiles_per_slide)),
+        "gradient_evaluations_per_tile": float(np.mean(evals_per_tile)),
     }
 
 
-def estimate_hours(costs: dict, *, n_slides: int, n_encoders: int, n_attacks: int, n_shards: int, fraction: float, tiles_per_slide: float | None = None, evaluations_per_tile: float | None = None) -> dict:
+def estimate_hours(
+    costs: dict,
+    *,
+    n_slides: int,
+    n_encoders: int,
+    n_attacks: int,
+    n_shards: int,
+    fraction: float,
+    tiles_per_slide: float | None = None,
+    evaluations_per_tile: float | None = None,
+) -> dict:
     """Device-hours per stage for a study, scaled from one encoder's pilot costs (each of the
     study's encoders assumed as costly as the pilot's: run one pilot per encoder to do better)."""
     tiles = tiles_per_slide or costs["tiles_per_slide"]
     evals = evaluations_per_tile or costs["gradient_evaluations_per_tile"]
     k = max(1.0, round(fraction * tiles))
     extract_s = n_encoders * (n_slides * tiles * costs["extract_s_per_tile"] + n_shards * costs["extract_start_up_s"])
-    attack_s = n_encoders * n_attacks * (n_slides * k * evals * costs["attack_s_per_gradient_evaluation"] + n_shards * costs["attack_start_up_s"])
-    return {"extract_hours": extract_s / 3600, "attack_hours": attack_s / 3600, "attacked_tiles_per_slide": k, "tiles_per_slide": tiles, "gradient_evaluations_per_tile": evals}
+    attack_s = (
+        n_encoders
+        * n_attacks
+        * (n_slides * k * evals * costs["attack_s_per_gradient_evaluation"] + n_shards * costs["attack_start_up_s"])
+    )
+    return {
+        "extract_hours": extract_s / 3600,
+        "attack_hours": attack_s / 3600,
+        "attacked_tiles_per_slide": k,
+        "tiles_per_slide": tiles,
+        "gradient_evaluations_per_tile": evals,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -152,28 +205,54 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--slides", type=int, default=10_000)
     parser.add_argument("--encoders", type=int, default=10)
     parser.add_argument("--attacks", type=int, default=50)
-    parser.add_argument("--shards", type=int, default=100, help="the config's shards (slides per GPU job = slides / shards)")
+    parser.add_argument(
+        "--shards", type=int, default=100, help="the config's shards (slides per GPU job = slides / shards)"
+    )
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one)")
-    parser.add_argument("--pilot", type=Path, help="a finished run's results/: scale its measured per-tile costs to the study")
+    parser.add_argument(
+        "--pilot", type=Path, help="a finished run's results/: scale its measured per-tile costs to the study"
+    )
     parser.add_argument("--pilot-encoder", default="demo", help="the pilot's encoder to measure (default: demo)")
-    parser.add_argument("--fraction", type=float, default=0.001, help="attacked share of each slide's tiles (default 0.001)")
+    parser.add_argument(
+        "--fraction", type=float, default=0.001, help="attacked share of each slide's tiles (default 0.001)"
+    )
     parser.add_argument("--tiles-per-slide", type=float, help="the study's mean tiles per slide (default: the pilot's)")
     parser.add_argument("--no-dry-run", action="store_true", help="only the estimate")
     args = parser.parse_args(argv)
     if args.pilot:
         costs = pilot_costs(args.pilot, encoder=args.pilot_encoder)
-        hours = estimate_hours(costs, n_slides=args.slides, n_encoders=args.encoders, n_attacks=args.attacks, n_shards=args.shards, fraction=args.fraction, tiles_per_slide=args.tiles_per_slide)
+        hours = estimate_hours(
+            costs,
+            n_slides=args.slides,
+            n_encoders=args.encoders,
+            n_attacks=args.attacks,
+            n_shards=args.shards,
+            fraction=args.fraction,
+            tiles_per_slide=args.tiles_per_slide,
+        )
         print(json.dumps({"pilot": costs, "estimate": hours}, indent=1))
-        print(f"ESTIMATE slides={args.slides} encoders={args.encoders} attacks={args.attacks} extract_hours={hours['extract_hours']:.1f} attack_hours={hours['attack_hours']:.1f}")
+        print(
+            f"ESTIMATE slides={args.slides} encoders={args.encoders} attacks={args.attacks} extract_hours={hours['extract_hours']:.1f} attack_hours={hours['attack_hours']:.1f}"
+        )
     if args.no_dry_run:
         return {}
     with tempfile.TemporaryDirectory(prefix="wsiattack-plan-") as scratch:
         workdir = args.workdir or Path(scratch)
-        config = write_study(workdir, n_slides=args.slides, n_encoders=args.encoders, n_attacks=args.attacks, n_shards=args.shards)
-        report = {"slides": args.slides, "encoders": args.encoders, "attacks": args.attacks, "shards": args.shards, **dry_run(workdir, config)}
+        config = write_study(
+            workdir, n_slides=args.slides, n_encoders=args.encoders, n_attacks=args.attacks, n_shards=args.shards
+        )
+        report = {
+            "slides": args.slides,
+            "encoders": args.encoders,
+            "attacks": args.attacks,
+            "shards": args.shards,
+            **dry_run(workdir, config),
+        }
     total = report["jobs"].get("total")
     print(json.dumps(report, indent=1))
-    print(f"RESULT slides={args.slides} encoders={args.encoders} attacks={args.attacks} shards={args.shards} jobs={total} dag_build_s={report['dag_build_s']} peak_rss_mb={report['peak_rss_mb']}")
+    print(
+        f"RESULT slides={args.slides} encoders={args.encoders} attacks={args.attacks} shards={args.shards} jobs={total} dag_build_s={report['dag_build_s']} peak_rss_mb={report['peak_rss_mb']}"
+    )
     return report
 
 

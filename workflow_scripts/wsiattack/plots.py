@@ -28,8 +28,10 @@ def _save(fig, path: str | Path) -> None:
 def plot_metrics(summary: pd.DataFrame, out_png: str | Path) -> None:
     """One panel per (encoder, MIL model): grouped bars of clean vs. attacked per metric and attack."""
     groups = list(summary.groupby(["encoder", "mil"], sort=True))
-    fig, axes = plt.subplots(len(groups), 3, figsize=(15, 3.8 * len(groups)), squeeze=False, gridspec_kw={"width_ratios": [3, 1, 1]})
-    for (encoder, mil), (ax, ax_flip, ax_shift) in zip([g[0] for g in groups], axes):
+    fig, axes = plt.subplots(
+        len(groups), 3, figsize=(15, 3.8 * len(groups)), squeeze=False, gridspec_kw={"width_ratios": [3, 1, 1]}
+    )
+    for (encoder, mil), (ax, ax_flip, ax_shift) in zip([g[0] for g in groups], axes, strict=True):
         table = summary[(summary["encoder"] == encoder) & (summary["mil"] == mil)]
         attacks = sorted(table["attack"].unique())
         width = 0.8 / (len(attacks) + 1)
@@ -57,12 +59,20 @@ def plot_metrics(summary: pd.DataFrame, out_png: str | Path) -> None:
     _save(fig, out_png)
 
 
-def plot_examples(*, tile_stores: Sequence[str | Path], attack_stores: Sequence[str | Path], out_png: str | Path, slide_paths: Sequence[str | Path | None] | None = None) -> None:
+def plot_examples(
+    *,
+    tile_stores: Sequence[str | Path],
+    attack_stores: Sequence[str | Path],
+    out_png: str | Path,
+    slide_paths: Sequence[str | Path | None] | None = None,
+) -> None:
     """For one attacked tile per slide: clean, adversarial (uint8 as stored), amplified difference.
 
     ``slide_paths`` (one per tiles store) say where the slides are now (default: as tiled)."""
     columns = []
-    for tiles_path, attack_path, slide_path in zip(tile_stores, attack_stores, slide_paths or [None] * len(tile_stores), strict=True):
+    for tiles_path, attack_path, slide_path in zip(
+        tile_stores, attack_stores, slide_paths or [None] * len(tile_stores), strict=True
+    ):
         attack = stores.open_store(attack_path, kind=stores.ATTACK)
         index = int(attack["index"][0])
         with TileReader(tiles_path, slide_path=slide_path) as tiles:
@@ -75,7 +85,9 @@ def plot_examples(*, tile_stores: Sequence[str | Path], attack_stores: Sequence[
         columns.append((title, clean, adversarial, amplified, scale))
     fig, axes = plt.subplots(3, len(columns), figsize=(2.6 * len(columns), 8), squeeze=False)
     for col, (title, clean, adversarial, amplified, scale) in enumerate(columns):
-        for row, (image, label) in enumerate(((clean, "clean"), (adversarial, "adversarial"), (amplified, f"difference x{255 // (2 * scale)}"))):
+        for row, (image, label) in enumerate(
+            ((clean, "clean"), (adversarial, "adversarial"), (amplified, f"difference x{255 // (2 * scale)}"))
+        ):
             ax = axes[row, col]
             ax.imshow(image)
             ax.set_xticks([])
@@ -95,14 +107,28 @@ def factor_table(summary: pd.DataFrame, attacks: Mapping[str, Mapping]) -> pd.Da
     for (encoder, mil, attack), table in summary.groupby(["encoder", "mil", "attack"], sort=True):
         entry, by_metric = attacks[attack], table.set_index("metric")
         accuracy, flips = by_metric.loc["accuracy"], by_metric.loc["flip_rate"]
-        rows.append({
-            "encoder": encoder, "mil": mil, "attack": attack, "method": entry["method"],
-            "eps_255": round(entry["eps"] * 255, 2), "fraction": entry["budget"]["fraction"],
-            "variant": " · ".join(str(part) for part in (entry["method"], entry.get("objective"), entry.get("selection", "random")) if part),
-            "accuracy_drop": accuracy["drop"], "drop_low": accuracy["drop_ci_low"], "drop_high": accuracy["drop_ci_high"],
-            # the summary's flip row stores drop = -flip rate, so its interval is mirrored
-            "flip_rate": flips["attacked"], "flip_low": -flips["drop_ci_high"], "flip_high": -flips["drop_ci_low"],
-        })
+        rows.append(
+            {
+                "encoder": encoder,
+                "mil": mil,
+                "attack": attack,
+                "method": entry["method"],
+                "eps_255": round(entry["eps"] * 255, 2),
+                "fraction": entry["budget"]["fraction"],
+                "variant": " · ".join(
+                    str(part)
+                    for part in (entry["method"], entry.get("objective"), entry.get("selection", "random"))
+                    if part
+                ),
+                "accuracy_drop": accuracy["drop"],
+                "drop_low": accuracy["drop_ci_low"],
+                "drop_high": accuracy["drop_ci_high"],
+                # the summary's flip row stores drop = -flip rate, so its interval is mirrored
+                "flip_rate": flips["attacked"],
+                "flip_low": -flips["drop_ci_high"],
+                "flip_high": -flips["drop_ci_low"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -113,17 +139,28 @@ def plot_factors(summary: pd.DataFrame, attacks: Mapping[str, Mapping], out_png:
     table = factor_table(summary, attacks)
     groups = list(table.groupby(["encoder", "mil"], sort=True))
     fig, axes = plt.subplots(len(groups), 4, figsize=(17, 3.4 * len(groups)), squeeze=False)
-    for ((encoder, mil), group), row in zip(groups, axes):
-        for axis_index, (factor, fixed, label) in enumerate((("eps_255", "fraction", "eps (/255)"), ("fraction", "eps_255", "budget (fraction of tiles)"))):
+    for ((encoder, mil), group), row in zip(groups, axes, strict=True):
+        for axis_index, (factor, fixed, label) in enumerate(
+            (("eps_255", "fraction", "eps (/255)"), ("fraction", "eps_255", "budget (fraction of tiles)"))
+        ):
             for variant_index, (variant, rows) in enumerate(group.groupby("variant", sort=True)):
                 level = rows[fixed].mode().iloc[0]
                 curve = rows[rows[fixed] == level].groupby(factor).first().reset_index().sort_values(factor)
-                for metric_index, (value, low, high) in enumerate((("accuracy_drop", "drop_low", "drop_high"), ("flip_rate", "flip_low", "flip_high"))):
+                for metric_index, (value, low, high) in enumerate(
+                    (("accuracy_drop", "drop_low", "drop_high"), ("flip_rate", "flip_low", "flip_high"))
+                ):
                     ax = row[2 * axis_index + metric_index]
                     yerr = np.vstack([curve[value] - curve[low], curve[high] - curve[value]]).clip(min=0)
-                    ax.errorbar(curve[factor], curve[value], yerr=np.nan_to_num(yerr), marker="o", capsize=3,
-                                color=f"C{variant_index}", linestyle="--" if variant.startswith("noise") else "-",
-                                label=f"{variant} ({fixed.split('_')[0]} {level:g})")
+                    ax.errorbar(
+                        curve[factor],
+                        curve[value],
+                        yerr=np.nan_to_num(yerr),
+                        marker="o",
+                        capsize=3,
+                        color=f"C{variant_index}",
+                        linestyle="--" if variant.startswith("noise") else "-",
+                        label=f"{variant} ({fixed.split('_')[0]} {level:g})",
+                    )
                     ax.set_xlabel(label)
                     ax.set_ylabel("accuracy drop" if metric_index == 0 else "flip rate")
                     ax.set_title(f"{encoder} / {mil}", fontsize=9)
@@ -152,7 +189,7 @@ def plot_heatmaps(*, tile_weights_store: str | Path, tile_dirs: Sequence[str | P
     fig, axes = plt.subplots(max(1, len(slides)), 3, figsize=(13, 3.8 * max(1, len(slides))), squeeze=False)
     if not slides:
         axes[0, 0].set_title("no slides to draw")
-    for slide_id, row in zip(slides, axes):
+    for slide_id, row in zip(slides, axes, strict=True):
         tiles = stores.open_store(stores.find_slide_store(tile_dirs, slide_id), kind=stores.TILES)
         coords, side0_px = np.asarray(tiles["coords"][...]), float(tiles.attrs["geometry"]["side0_px"])
         group, n = store[slide_id], len(coords)
@@ -161,16 +198,28 @@ def plot_heatmaps(*, tile_weights_store: str | Path, tile_dirs: Sequence[str | P
         top = float(max(clean.max(), attacked.max()))
         change = attacked - clean
         limit = float(np.abs(change).max()) or 1.0
-        panels = ((clean, "viridis", 0, top, "clean"), (attacked, "viridis", 0, top, "attacked"), (change, "RdBu_r", -limit, limit, "change"))
-        for ax, (values, cmap, low, high, title) in zip(row, panels):
-            image = ax.imshow(_weights_grid(coords, side0_px, values), cmap=cmap, vmin=low, vmax=high, interpolation="nearest")
+        panels = (
+            (clean, "viridis", 0, top, "clean"),
+            (attacked, "viridis", 0, top, "attacked"),
+            (change, "RdBu_r", -limit, limit, "change"),
+        )
+        for ax, (values, cmap, low, high, title) in zip(row, panels, strict=True):
+            image = ax.imshow(
+                _weights_grid(coords, side0_px, values), cmap=cmap, vmin=low, vmax=high, interpolation="nearest"
+            )
             cells = np.rint((coords[index] - coords.min(axis=0)) / side0_px)
             for x, y in cells:
                 ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_title(f"{slide_id} ({group.attrs['label']}): {title}" + ("" if title != "change" else f"\ntrue-class probability −{group.attrs['true_class_drop']:.3f}"), fontsize=9)
-            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02, label="weight × N" if title != "change" else "Δ weight × N")
+            ax.set_title(
+                f"{slide_id} ({group.attrs['label']}): {title}"
+                + ("" if title != "change" else f"\ntrue-class probability −{group.attrs['true_class_drop']:.3f}"),
+                fontsize=9,
+            )
+            fig.colorbar(
+                image, ax=ax, fraction=0.046, pad=0.02, label="weight × N" if title != "change" else "Δ weight × N"
+            )
     fig.tight_layout()
     _save(fig, out_png)
 
@@ -178,8 +227,10 @@ def plot_heatmaps(*, tile_weights_store: str | Path, tile_dirs: Sequence[str | P
 def plot_vulnerability(table: pd.DataFrame, correlations: pd.DataFrame, out_png: str | Path, *, title: str) -> None:
     """Feature shift of each attacked tile against each content statistic, Spearman rho in the titles."""
     contents = list(correlations["content"])
-    fig, axes = plt.subplots(1, max(1, len(contents)), figsize=(2.9 * max(1, len(contents)), 3.1), squeeze=False, sharey=True)
-    for ax, record in zip(axes[0], correlations.to_dict("records")):
+    fig, axes = plt.subplots(
+        1, max(1, len(contents)), figsize=(2.9 * max(1, len(contents)), 3.1), squeeze=False, sharey=True
+    )
+    for ax, record in zip(axes[0], correlations.to_dict("records"), strict=False):
         ax.scatter(table[record["content"]], table["cosine_distance"], s=10, alpha=0.7)
         ax.set_xlabel(record["content"].replace("_", " "))
         ax.set_title(f"ρ = {record['spearman_rho']:.2f} (p = {record['p_value']:.2g})", fontsize=9)

@@ -23,7 +23,9 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if cuda else "mps" if mps else "cpu"
     if (requested == "cuda" and not cuda) or (requested == "mps" and not mps):
-        raise ConfigError(f"config: device: {requested!r} requested but not available on this machine; use 'auto' or 'cpu'")
+        raise ConfigError(
+            f"config: device: {requested!r} requested but not available on this machine; use 'auto' or 'cpu'"
+        )
     return claim_gpu() if requested == "cuda" else torch.device(requested)
 
 
@@ -55,7 +57,12 @@ def claim_gpu(*, lock_dir: str | None = None) -> torch.device:
         _HELD_GPU_LOCKS.append(handle)
         return torch.device("cuda", index)
     index = os.getpid() % count
-    log.warning("all %d visible GPUs are held by other jobs: sharing cuda:%d (give Snakemake --resources gpu=%d)", count, index, count)
+    log.warning(
+        "all %d visible GPUs are held by other jobs: sharing cuda:%d (give Snakemake --resources gpu=%d)",
+        count,
+        index,
+        count,
+    )
     return torch.device("cuda", index)
 
 
@@ -67,7 +74,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     dtype = getattr(torch, precision)
     enabled = device.type == "cuda" and dtype != torch.float32
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
-
 
 
 def exact_dtype(device: torch.device) -> torch.dtype:

@@ -35,7 +35,9 @@ def read_samples(path: str | Path, *, classes: Sequence[str], base_dir: str | Pa
         raise SampleSheetError(f"{where}: missing column(s) {', '.join(missing)} (needs {', '.join(REQUIRED)})")
     unknown = [c for c in sheet.columns if c not in REQUIRED + OPTIONAL]
     if unknown:
-        raise SampleSheetError(f"{where}: unknown column(s) {', '.join(unknown)} (allowed: {', '.join(REQUIRED + OPTIONAL)})")
+        raise SampleSheetError(
+            f"{where}: unknown column(s) {', '.join(unknown)} (allowed: {', '.join(REQUIRED + OPTIONAL)})"
+        )
     if sheet.empty:
         raise SampleSheetError(f"{where}: no slides")
     for row, record in enumerate(sheet.to_dict("records"), start=2):  # row 1 is the header
@@ -47,7 +49,7 @@ def read_samples(path: str | Path, *, classes: Sequence[str], base_dir: str | Pa
     # Normalised but not made absolute: Snakemake compares input paths as strings, and relative
     # paths keep a moved project directory from looking like new inputs.
     sheet["path"] = [os.path.normpath(p if Path(p).is_absolute() else base / p) for p in sheet["path"]]
-    for slide_id, slide_path in zip(sheet["slide_id"], sheet["path"]):
+    for slide_id, slide_path in zip(sheet["slide_id"], sheet["path"], strict=True):
         if not Path(slide_path).is_file():
             raise SampleSheetError(f"{where}: slide {slide_id!r}: file not found: {slide_path}")
         if not os.access(slide_path, os.R_OK):
@@ -60,9 +62,13 @@ def read_samples(path: str | Path, *, classes: Sequence[str], base_dir: str | Pa
 def _check_row(record: dict[str, str], *, classes: Sequence[str], where: str) -> None:
     slide_id = record["slide_id"]
     if not _SLIDE_ID.match(slide_id):
-        raise SampleSheetError(f"{where}: slide_id {slide_id!r} must be non-empty and use only letters, digits, '_', '.', '-'")
+        raise SampleSheetError(
+            f"{where}: slide_id {slide_id!r} must be non-empty and use only letters, digits, '_', '.', '-'"
+        )
     if record["label"] not in classes:
-        raise SampleSheetError(f"{where}: slide {slide_id!r}: label {record['label']!r} is not one of the config's classes ({', '.join(classes)})")
+        raise SampleSheetError(
+            f"{where}: slide {slide_id!r}: label {record['label']!r} is not one of the config's classes ({', '.join(classes)})"
+        )
     if not record["path"]:
         raise SampleSheetError(f"{where}: slide {slide_id!r}: empty path")
     mpp = record.get("mpp", "")

@@ -38,13 +38,17 @@ def tile_content(tiles: np.ndarray) -> pd.DataFrame:
     high, low = pixels.max(axis=2), pixels.min(axis=2)
     saturation = np.where(high > 0, (high - low) / np.maximum(high, 1.0), 0.0)
     means = pixels.mean(axis=1)
-    return pd.DataFrame({
-        "mean_r": means[:, 0], "mean_g": means[:, 1], "mean_b": means[:, 2],
-        "saturation": saturation.mean(axis=1),
-        "tissue_fraction": (pixels.mean(axis=2) < GLASS_LEVEL).mean(axis=1),
-        "haematoxylin_od": haematoxylin.mean(axis=1),
-        "nuclear_fraction": (haematoxylin > NUCLEAR_H_OD).mean(axis=1),
-    })
+    return pd.DataFrame(
+        {
+            "mean_r": means[:, 0],
+            "mean_g": means[:, 1],
+            "mean_b": means[:, 2],
+            "saturation": saturation.mean(axis=1),
+            "tissue_fraction": (pixels.mean(axis=2) < GLASS_LEVEL).mean(axis=1),
+            "haematoxylin_od": haematoxylin.mean(axis=1),
+            "nuclear_fraction": (haematoxylin > NUCLEAR_H_OD).mean(axis=1),
+        }
+    )
 
 
 def _cosine_distance_rows(clean: np.ndarray, attacked: np.ndarray) -> np.ndarray:
@@ -70,15 +74,26 @@ def vulnerability_table(
         index = np.asarray(replaced["index"][...])
         if len(index) == 0:
             continue
-        clean = np.asarray(stores.open_store(stores.find_slide_store(feature_dirs, slide_id), kind=stores.FEATURES)["features"][...])
+        clean = np.asarray(
+            stores.open_store(stores.find_slide_store(feature_dirs, slide_id), kind=stores.FEATURES)["features"][...]
+        )
         with TileReader(stores.find_slide_store(tile_dirs, slide_id)) as reader:
             content = tile_content(reader.read(index))
-        table = content.assign(slide_id=slide_id, tile=index,
-                               cosine_distance=_cosine_distance_rows(clean[index], np.asarray(replaced["features"][...])))
+        table = content.assign(
+            slide_id=slide_id,
+            tile=index,
+            cosine_distance=_cosine_distance_rows(clean[index], np.asarray(replaced["features"][...])),
+        )
         if tumor_fraction is not None:
             table["tumor_fraction"] = tumor_fraction[slide_id][index]
         rows.append(table)
-    columns = ["slide_id", "tile", "cosine_distance", *CONTENT_COLUMNS, *(["tumor_fraction"] if tumor_fraction is not None else [])]
+    columns = [
+        "slide_id",
+        "tile",
+        "cosine_distance",
+        *CONTENT_COLUMNS,
+        *(["tumor_fraction"] if tumor_fraction is not None else []),
+    ]
     return pd.concat(rows, ignore_index=True)[columns] if rows else pd.DataFrame(columns=columns)
 
 
@@ -99,7 +114,7 @@ def demo_tumor_fraction(*, mask_path: str | Path, coords: np.ndarray, side0_px: 
     with np.load(mask_path) as saved:
         mask, downsample = saved["tumor"], float(saved["downsample"])
     integral = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    x0, y0 = (np.floor(coords / downsample).astype(int).T)
+    x0, y0 = np.floor(coords / downsample).astype(int).T
     side = max(1, int(round(side0_px / downsample)))
     x1, y1 = np.minimum(x0 + side, mask.shape[1]), np.minimum(y0 + side, mask.shape[0])
     x0, y0 = np.minimum(x0, x1), np.minimum(y0, y1)
@@ -107,7 +122,9 @@ def demo_tumor_fraction(*, mask_path: str | Path, coords: np.ndarray, side0_px: 
     return inside / np.maximum((x1 - x0) * (y1 - y0), 1)
 
 
-def demo_tumor_fractions(*, masks_dir: str | Path, tile_dirs: Sequence[str | Path], slide_ids: Sequence[str]) -> dict[str, np.ndarray]:
+def demo_tumor_fractions(
+    *, masks_dir: str | Path, tile_dirs: Sequence[str | Path], slide_ids: Sequence[str]
+) -> dict[str, np.ndarray]:
     """Slide id -> per-tile tumour fraction of every tile, from the demo cohort's masks."""
     fractions = {}
     for slide_id in slide_ids:

@@ -33,13 +33,18 @@ class ShardSlide:
     slide_path: str | None = None
 
 
-def shard_slides(slide_ids: Sequence[str], tiles_stores: Sequence[str | Path], slide_paths: Sequence[str] | None = None) -> list[ShardSlide]:
+def shard_slides(
+    slide_ids: Sequence[str], tiles_stores: Sequence[str | Path], slide_paths: Sequence[str] | None = None
+) -> list[ShardSlide]:
     """Zip parallel lists (slide ids, tiles stores, optionally slide paths) into ShardSlides;
     without paths, each slide is read where its tiles store recorded it (the sample sheet's path)."""
     paths = list(slide_paths) if slide_paths else [None] * len(slide_ids)
     if not len(slide_ids) == len(tiles_stores) == len(paths):
         raise ValueError(f"{len(slide_ids)} slide ids, {len(tiles_stores)} tiles stores and {len(paths)} slide paths")
-    return [ShardSlide(s, str(t), None if p is None else str(p)) for s, t, p in zip(slide_ids, tiles_stores, paths, strict=True)]
+    return [
+        ShardSlide(s, str(t), None if p is None else str(p))
+        for s, t, p in zip(slide_ids, tiles_stores, paths, strict=True)
+    ]
 
 
 def slides_in(tiles_dir: str | Path, *, tiling_spec: Mapping[str, Any]) -> list[ShardSlide]:
@@ -55,12 +60,29 @@ def slides_in(tiles_dir: str | Path, *, tiling_spec: Mapping[str, Any]) -> list[
     return slides
 
 
-def extract_shard(*, slides: Sequence[ShardSlide], encoder: TileEncoder, batch_size: int, device: torch.device, out_dir: str | Path, reader_threads: int = 1) -> int:
+def extract_shard(
+    *,
+    slides: Sequence[ShardSlide],
+    encoder: TileEncoder,
+    batch_size: int,
+    device: torch.device,
+    out_dir: str | Path,
+    reader_threads: int = 1,
+) -> int:
     """Clean features of every slide of a shard; return the tiles embedded."""
     started, total = time.perf_counter(), 0
     with stores.atomic_dir(out_dir) as tmp:
         for i, slide in enumerate(slides, 1):
-            total += extraction.extract_slide(slide_id=slide.slide_id, tiles_store=slide.tiles_store, slide_path=slide.slide_path, encoder=encoder, batch_size=batch_size, device=device, out_store=stores.slide_store(tmp, slide.slide_id), reader_threads=reader_threads)
+            total += extraction.extract_slide(
+                slide_id=slide.slide_id,
+                tiles_store=slide.tiles_store,
+                slide_path=slide.slide_path,
+                encoder=encoder,
+                batch_size=batch_size,
+                device=device,
+                out_store=stores.slide_store(tmp, slide.slide_id),
+                reader_threads=reader_threads,
+            )
             log.info("shard: %d/%d slides extracted", i, len(slides))
     log.info("shard of %d slides: %d tiles in %.1f s", len(slides), total, time.perf_counter() - started)
     return total
@@ -90,6 +112,24 @@ def attack_shard(
             attack_store = stores.slide_store(attacks_tmp, slide.slide_id)
             features_store = stores.slide_store(features_dir, slide.slide_id) if features_dir else None
             mil_head = mil_head_of(slide.slide_id) if mil_head_of else None
-            total += perturb_slide(slide_id=slide.slide_id, tiles_store=slide.tiles_store, slide_path=slide.slide_path, encoder=encoder, spec=spec, device=device, out_store=attack_store, features_store=features_store, mil_head=mil_head, reader_threads=reader_threads)
-            extraction.reembed_slide(slide_id=slide.slide_id, attack_store=attack_store, encoder=encoder, batch_size=batch_size, device=device, out_store=stores.slide_store(reembedded_tmp, slide.slide_id))
+            total += perturb_slide(
+                slide_id=slide.slide_id,
+                tiles_store=slide.tiles_store,
+                slide_path=slide.slide_path,
+                encoder=encoder,
+                spec=spec,
+                device=device,
+                out_store=attack_store,
+                features_store=features_store,
+                mil_head=mil_head,
+                reader_threads=reader_threads,
+            )
+            extraction.reembed_slide(
+                slide_id=slide.slide_id,
+                attack_store=attack_store,
+                encoder=encoder,
+                batch_size=batch_size,
+                device=device,
+                out_store=stores.slide_store(reembedded_tmp, slide.slide_id),
+            )
     return total

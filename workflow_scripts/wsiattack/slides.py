@@ -94,7 +94,9 @@ class Slide:
         try:
             return self._handle.read_region(location, level, size)
         except openslide.OpenSlideError as error:
-            raise SlideError(f"slide {self.info.slide_id!r}: {self.info.path} could not be decoded ({error}); the file is corrupt or truncated, re-export or re-copy it") from None
+            raise SlideError(
+                f"slide {self.info.slide_id!r}: {self.info.path} could not be decoded ({error}); the file is corrupt or truncated, re-export or re-copy it"
+            ) from None
 
     def thumbnail(self, *, thumbnail_mpp: float, threads: int = 1) -> np.ndarray:
         """RGB image of the whole slide at about ``thumbnail_mpp`` µm/px (box-filtered).
@@ -103,10 +105,15 @@ class Slide:
         pyramid (OpenSlide's ``get_thumbnail`` would load that whole level at once).
         """
         info = self.info
-        size = (max(1, round(info.width_px * info.mpp / thumbnail_mpp)), max(1, round(info.height_px * info.mpp / thumbnail_mpp)))
+        size = (
+            max(1, round(info.width_px * info.mpp / thumbnail_mpp)),
+            max(1, round(info.height_px * info.mpp / thumbnail_mpp)),
+        )
         scale = (info.width_px / size[0], info.height_px / size[1])  # level-0 px per thumbnail px
         level = self._handle.get_best_level_for_downsample(min(scale))
-        band_rows = max(1, int(_THUMBNAIL_BAND_PX // (info.level_dimensions[level][0] * scale[1] / info.level_downsamples[level])))
+        band_rows = max(
+            1, int(_THUMBNAIL_BAND_PX // (info.level_dimensions[level][0] * scale[1] / info.level_downsamples[level]))
+        )
         bands = [(top, min(size[1], top + band_rows)) for top in range(0, size[1], band_rows)]
         image = np.empty((size[1], size[0], 3), dtype=np.uint8)
         render = partial(self._thumbnail_band, level=level, size=size, scale=scale)
@@ -114,7 +121,9 @@ class Slide:
             image[top:bottom] = pixels
         return image
 
-    def _thumbnail_band(self, band: tuple[int, int], *, level: int, size: tuple[int, int], scale: tuple[float, float]) -> np.ndarray:
+    def _thumbnail_band(
+        self, band: tuple[int, int], *, level: int, size: tuple[int, int], scale: tuple[float, float]
+    ) -> np.ndarray:
         downsample = self.info.level_downsamples[level]
         level_width, level_height = self.info.level_dimensions[level]
         # The band in level px, clamped: OpenSlide's downsamples are rounded ratios of sizes.
@@ -147,12 +156,20 @@ def over_white(region: Image.Image) -> Image.Image:
     return canvas
 
 
-def open_slide(path: str | Path, *, slide_id: str, mpp_override: float | None = None, allow_objective_power: bool = False) -> Slide:
+def open_slide(
+    path: str | Path, *, slide_id: str, mpp_override: float | None = None, allow_objective_power: bool = False
+) -> Slide:
     """Open a slide and resolve its resolution (see the module docstring for the order)."""
     path = Path(path)
     handle = _open_handle(path, slide_id=slide_id)
     try:
-        mpp, source = resolve_mpp(handle.properties, slide_id=slide_id, path=path, mpp_override=mpp_override, allow_objective_power=allow_objective_power)
+        mpp, source = resolve_mpp(
+            handle.properties,
+            slide_id=slide_id,
+            path=path,
+            mpp_override=mpp_override,
+            allow_objective_power=allow_objective_power,
+        )
     except SlideError:
         handle.close()
         raise
@@ -178,7 +195,9 @@ def _open_handle(path: Path, *, slide_id: str) -> openslide.OpenSlide:
     except openslide.OpenSlideUnsupportedFormatError:
         raise SlideError(f"slide {slide_id!r}: {_unsupported_reason(path)}") from None
     except openslide.OpenSlideError as error:
-        raise SlideError(f"slide {slide_id!r}: {path} is unreadable ({error}); the file is corrupt or truncated, re-export or re-copy it") from None
+        raise SlideError(
+            f"slide {slide_id!r}: {path} is unreadable ({error}); the file is corrupt or truncated, re-export or re-copy it"
+        ) from None
 
 
 def _unsupported_reason(path: Path) -> str:
@@ -190,11 +209,20 @@ def _unsupported_reason(path: Path) -> str:
     return f"{path} is not a slide format OpenSlide can read (e.g. .svs, .tif(f), .ndpi, .mrxs, .scn, .bif, DICOM)"
 
 
-def resolve_mpp(properties: Mapping[str, str], *, slide_id: str, path: str | Path, mpp_override: float | None, allow_objective_power: bool) -> tuple[float, str]:
+def resolve_mpp(
+    properties: Mapping[str, str],
+    *,
+    slide_id: str,
+    path: str | Path,
+    mpp_override: float | None,
+    allow_objective_power: bool,
+) -> tuple[float, str]:
     """Level-0 µm per pixel and where it came from; raises SlideError when there is none."""
     if mpp_override is not None:
         if not (math.isfinite(mpp_override) and mpp_override > 0):
-            raise SlideError(f"slide {slide_id!r}: the sample sheet's mpp {mpp_override!r} is not a positive number; fix it or leave it empty")
+            raise SlideError(
+                f"slide {slide_id!r}: the sample sheet's mpp {mpp_override!r} is not a positive number; fix it or leave it empty"
+            )
         return float(mpp_override), "sample sheet"
     for source, reader in (("openslide.mpp-x/y", _openslide_mpp), ("tiff.XResolution/YResolution", _tiff_mpp)):
         pair = reader(properties)
@@ -202,14 +230,22 @@ def resolve_mpp(properties: Mapping[str, str], *, slide_id: str, path: str | Pat
             return _mean_mpp(pair, slide_id=slide_id, source=source), source
     power = _positive(properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
     if power is None:
-        raise SlideError(f"slide {slide_id!r}: {path} has no resolution metadata (openslide.mpp-x/y or TIFF resolution tags); add an 'mpp' column (µm per pixel at level 0) to the sample sheet for this slide")
+        raise SlideError(
+            f"slide {slide_id!r}: {path} has no resolution metadata (openslide.mpp-x/y or TIFF resolution tags); add an 'mpp' column (µm per pixel at level 0) to the sample sheet for this slide"
+        )
     guess = _OBJECTIVE_POWER_UM / power
     if not allow_objective_power:
         raise SlideError(
             f"slide {slide_id!r}: {path} has no pixel size, only an objective power ({power:g}x); add an 'mpp' column "
             f"(µm per pixel at level 0) to the sample sheet for this slide, or set tiling.allow_objective_power: true to assume {guess:g} µm/px"
         )
-    log.warning("slide %r: no pixel size in %s; assuming %g µm/px from its objective power %gx (tiling.allow_objective_power); set the sample sheet's 'mpp' column for the exact value", slide_id, path, guess, power)
+    log.warning(
+        "slide %r: no pixel size in %s; assuming %g µm/px from its objective power %gx (tiling.allow_objective_power); set the sample sheet's 'mpp' column for the exact value",
+        slide_id,
+        path,
+        guess,
+        power,
+    )
     return guess, "openslide.objective-power"
 
 
@@ -239,7 +275,9 @@ def _tiff_mpp(properties: Mapping[str, str]) -> tuple[float, float] | None:
 def _mean_mpp(pair: tuple[float, float], *, slide_id: str, source: str) -> float:
     mpp_x, mpp_y = pair
     if abs(mpp_x - mpp_y) > _ANISOTROPY_WARN * max(mpp_x, mpp_y):
-        log.warning("slide %r: non-square pixels (%s: %g x %g µm); tiles use their mean", slide_id, source, mpp_x, mpp_y)
+        log.warning(
+            "slide %r: non-square pixels (%s: %g x %g µm); tiles use their mean", slide_id, source, mpp_x, mpp_y
+        )
     return (mpp_x + mpp_y) / 2
 
 

@@ -23,6 +23,7 @@ tag unless asked to and, with ``metadata=None``, no JSON ImageDescription).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import uuid
@@ -85,9 +86,7 @@ ENCODER_TRAINING_STREAM = 3
 # --------------------------------------------------------------------------------------------
 
 
-def _smooth_noise(
-    rng: np.random.Generator, shape: tuple[int, int], feature_px: float
-) -> np.ndarray:
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], feature_px: float) -> np.ndarray:
     """Zero-mean, unit-std smooth random field of ``shape`` with blobs about ``feature_px`` wide.
 
     White noise on a grid ``feature_px`` coarser, cubic-spline upsampled to an intermediate grid
@@ -142,9 +141,7 @@ def _fibre_texture(rng: np.random.Generator, size: int) -> np.ndarray:
     angles = [base + k * np.pi / 3 for k in range(3)]
     # Independent noise per orientation: where two directions blend they cross-hatch rather than
     # show the same speckle smeared two ways.
-    components = [
-        _periodic_noise(rng, size, along_px=8.0, across_px=1.0, angle_rad=a) for a in angles
-    ]
+    components = [_periodic_noise(rng, size, along_px=8.0, across_px=1.0, angle_rad=a) for a in angles]
     # Soft-max blend weights from smooth periodic fields: regions of one fibre direction with
     # gradual turns between them (a crude version of collagen bundles).
     logits = [_periodic_noise(rng, size, along_px=130.0, across_px=130.0) for _ in angles]
@@ -179,9 +176,7 @@ def _fill_small_holes(mask: np.ndarray, *, max_hole_cells: int) -> np.ndarray:
     return mask | small[labels]
 
 
-def _tissue_mask(
-    rng: np.random.Generator, shape: tuple[int, int], *, coverage: float, n_pieces: int
-) -> np.ndarray:
+def _tissue_mask(rng: np.random.Generator, shape: tuple[int, int], *, coverage: float, n_pieces: int) -> np.ndarray:
     """Low-res boolean mask of ``n_pieces`` irregular tissue pieces covering about ``coverage``."""
     h, w = shape
     yy, xx = np.ogrid[0:h, 0:w]
@@ -197,8 +192,7 @@ def _tissue_mask(
             cx, rx = (0.27 if i == 0 else 0.73) + rng.uniform(-0.03, 0.03), rng.uniform(0.2, 0.24)
         cy, ry = rng.uniform(0.45, 0.55), rng.uniform(0.32, 0.44)
         angle = rng.uniform(-0.4, 0.4)
-        np.maximum(score, _rough_ellipse(yy, xx, cy=cy, cx=cx, ry=ry, rx=rx, angle_rad=angle),
-                   out=score)
+        np.maximum(score, _rough_ellipse(yy, xx, cy=cy, cx=cx, ry=ry, rx=rx, angle_rad=angle), out=score)
     side = max(h, w)
     score += 0.45 * _smooth_noise(rng, shape, side / 6)
     score += 0.15 * _smooth_noise(rng, shape, side / 25)
@@ -285,9 +279,7 @@ def _nucleus_kernels(
     return kernels
 
 
-def _stamp(
-    canvas: np.ndarray, kernels: list[np.ndarray], ys: np.ndarray, xs: np.ndarray, which: np.ndarray
-) -> None:
+def _stamp(canvas: np.ndarray, kernels: list[np.ndarray], ys: np.ndarray, xs: np.ndarray, which: np.ndarray) -> None:
     """Max-composite ``kernels[which[i]]`` centred at (ys[i], xs[i]) into ``canvas`` in place.
 
     Max (not sum) so overlapping nuclei merge instead of turning black.
@@ -328,9 +320,7 @@ def _sample_in_grid(
 # --------------------------------------------------------------------------------------------
 
 
-def _upsample_chunk(
-    padded: np.ndarray, row0: int, n_rows: int, width_px: int, factor: int
-) -> np.ndarray:
+def _upsample_chunk(padded: np.ndarray, row0: int, n_rows: int, width_px: int, factor: int) -> np.ndarray:
     """Bilinear upsampling (pixel-centre aligned) of level-0 rows ``row0:row0+n_rows``.
 
     ``padded`` is the low-res field with one edge-replicated cell on each side; ``row0`` must be a
@@ -352,8 +342,9 @@ def _upsample_chunk(
     for p in range(factor):
         d = (p + 0.5) / factor - 0.5
         lo, wt = (0, -d) if d < 0 else (1, 1.0 - d)
-        out[:, p::factor] = (rows[:, lo : lo + w_low] * np.float32(wt)
-                             + rows[:, lo + 1 : lo + 1 + w_low] * np.float32(1.0 - wt))
+        out[:, p::factor] = rows[:, lo : lo + w_low] * np.float32(wt) + rows[:, lo + 1 : lo + 1 + w_low] * np.float32(
+            1.0 - wt
+        )
     return out[:n_rows, :width_px]
 
 
@@ -422,8 +413,14 @@ def render_slide_with_masks(
     nearest-upsampled (level-0 pixel (y, x) lies in cell (y // 4, x // 4)); edges blur over a few
     pixels in the image, so a tile's mask fraction is exact to within that margin.
     """
-    image, tissue_low, tumor_low = _render(rng=rng, width_px=width_px, height_px=height_px, tumor=tumor, tumor_share=tumor_share)
-    return RenderedSlide(image=image, tissue=_upsample_mask(tissue_low, image.shape[:2]), tumor=_upsample_mask(tumor_low, image.shape[:2]))
+    image, tissue_low, tumor_low = _render(
+        rng=rng, width_px=width_px, height_px=height_px, tumor=tumor, tumor_share=tumor_share
+    )
+    return RenderedSlide(
+        image=image,
+        tissue=_upsample_mask(tissue_low, image.shape[:2]),
+        tumor=_upsample_mask(tumor_low, image.shape[:2]),
+    )
 
 
 def _upsample_mask(mask: np.ndarray, shape_px: tuple[int, int]) -> np.ndarray:
@@ -450,14 +447,12 @@ def _render(
 
     # --- Geometry (low res) ---------------------------------------------------------------------
     tissue = _tissue_mask(
-        rng_tissue, low_shape, coverage=rng_tissue.uniform(0.42, 0.58),
+        rng_tissue,
+        low_shape,
+        coverage=rng_tissue.uniform(0.42, 0.58),
         n_pieces=int(rng_tissue.integers(1, 3)),
     )
-    tumor_low = (
-        _tumor_mask(rng_tumor, tissue, tumor_share=tumor_share)
-        if tumor
-        else np.zeros(low_shape, dtype=bool)
-    )
+    tumor_low = _tumor_mask(rng_tumor, tissue, tumor_share=tumor_share) if tumor else np.zeros(low_shape, dtype=bool)
 
     # --- Stain (low res): same distributions for both classes ----------------------------------
     od_eosin = _OD_EOSIN * rng_stain.uniform(0.9, 1.1, size=3)
@@ -484,25 +479,36 @@ def _render(
     density = np.clip(1.0 + 0.5 * _smooth_noise(rng_nuclei, low_shape, side / 15), 0.15, None)
     n_normal = int(tissue.sum() * f * f / px_per_nucleus)
     ys, xs = _sample_in_grid(rng_nuclei, tissue * density, n=n_normal, factor=f, shape_px=shape_px)
-    kernels = _nucleus_kernels(rng_nuclei, n=64, diameter_px=(6.0, 14.0), aspect=(0.45, 0.95),
-                               strength=(0.8 * haem_level, 1.15 * haem_level))
+    kernels = _nucleus_kernels(
+        rng_nuclei, n=64, diameter_px=(6.0, 14.0), aspect=(0.45, 0.95), strength=(0.8 * haem_level, 1.15 * haem_level)
+    )
     _stamp(haem_nuclei, kernels, ys, xs, rng_nuclei.integers(0, len(kernels), size=ys.size))
     if tumor:
         # Tumour nuclei on a jittered grid (packed sheets rather than random clumps), larger,
         # rounder and darker.
         spacing = rng_tumor.uniform(13.0, 16.0)
         gy, gx = np.mgrid[0:height_px:spacing, 0:width_px:spacing]
-        gy = np.clip((gy + rng_tumor.uniform(-0.35, 0.35, gy.shape) * spacing).round(), 0,
-                     height_px - 1).astype(np.int64)
-        gx = np.clip((gx + rng_tumor.uniform(-0.35, 0.35, gx.shape) * spacing).round(), 0,
-                     width_px - 1).astype(np.int64)
+        gy = np.clip((gy + rng_tumor.uniform(-0.35, 0.35, gy.shape) * spacing).round(), 0, height_px - 1).astype(
+            np.int64
+        )
+        gx = np.clip((gx + rng_tumor.uniform(-0.35, 0.35, gx.shape) * spacing).round(), 0, width_px - 1).astype(
+            np.int64
+        )
         inside = tumor_low[gy // f, gx // f] & (rng_tumor.random(gy.shape) < 0.85)
         t_kernels = _nucleus_kernels(
-            rng_tumor, n=64, diameter_px=(12.0, 22.0), aspect=(0.7, 1.0),
+            rng_tumor,
+            n=64,
+            diameter_px=(12.0, 22.0),
+            aspect=(0.7, 1.0),
             strength=(0.85 * _TUMOR_NUCLEUS_H * haem_level, 1.1 * _TUMOR_NUCLEUS_H * haem_level),
         )
-        _stamp(haem_nuclei, t_kernels, gy[inside], gx[inside],
-               rng_tumor.integers(0, len(t_kernels), size=int(inside.sum())))
+        _stamp(
+            haem_nuclei,
+            t_kernels,
+            gy[inside],
+            gx[inside],
+            rng_tumor.integers(0, len(t_kernels), size=int(inside.sum())),
+        )
 
     # --- Textures: periodic patches, tiled to the slide width once ------------------------------
     size = _TEXTURE_PX
@@ -583,7 +589,7 @@ def write_pyramidal_tiff(
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
     downsamples = [int(d) for d in downsamples]
-    increasing = all(b > a for a, b in zip(downsamples, downsamples[1:]))
+    increasing = all(b > a for a, b in itertools.pairwise(downsamples))
     if not downsamples or downsamples[0] != 1 or not increasing:
         raise ValueError(f"downsamples must start at 1 and increase strictly, got {downsamples}")
     if mpp <= 0:
@@ -655,10 +661,7 @@ def write_demo_cohort(
     """
     classes = list(classes)
     if len(classes) != 2:
-        raise ValueError(
-            f"the demo cohort has exactly 2 classes (negative, positive), got {len(classes)}: "
-            f"{classes}"
-        )
+        raise ValueError(f"the demo cohort has exactly 2 classes (negative, positive), got {len(classes)}: {classes}")
     if classes[0] == classes[1]:
         raise ValueError(f"the two classes must differ, got {classes}")
     if n_slides < 2:
@@ -684,14 +687,25 @@ def write_demo_cohort(
         if min_tumor_share < tumor_share:
             share_rng = np.random.default_rng((seed, _SHARE_STREAM, i))
             share = float(np.exp(share_rng.uniform(np.log(min_tumor_share), np.log(tumor_share))))
-        rendered = render_slide_with_masks(rng=rng, width_px=width_px, height_px=height_px, tumor=bool(positive), tumor_share=share)
+        rendered = render_slide_with_masks(
+            rng=rng, width_px=width_px, height_px=height_px, tumor=bool(positive), tumor_share=share
+        )
         write_pyramidal_tiff(path, rendered.image, mpp=mpp)
         if masks_dir is not None:
             f = _LOWRES_FACTOR
-            _atomic_write(Path(masks_dir) / f"{slide_id}.npz",
-                          lambda fh: np.savez_compressed(fh, tumor=rendered.tumor[::f, ::f], downsample=np.int64(f)))
-        logger.info("wrote %s (%s, tumour share %.4f, %dx%d px, %.3f mpp)", path, classes[positive],
-                    share if positive else 0.0, width_px, height_px, mpp)
+            _atomic_write(
+                Path(masks_dir) / f"{slide_id}.npz",
+                lambda fh: np.savez_compressed(fh, tumor=rendered.tumor[::f, ::f], downsample=np.int64(f)),
+            )
+        logger.info(
+            "wrote %s (%s, tumour share %.4f, %dx%d px, %.3f mpp)",
+            path,
+            classes[positive],
+            share if positive else 0.0,
+            width_px,
+            height_px,
+            mpp,
+        )
         # Relative to the sheet, as the workflow resolves it: the cohort can be moved as a whole.
         return {"slide_id": slide_id, "path": os.path.relpath(path, samples_csv.parent), "label": classes[positive]}
 

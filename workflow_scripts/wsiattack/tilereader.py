@@ -42,9 +42,15 @@ class TileReader:
         self._pixels = self.group["tiles"] if "tiles" in self.group else None
         if self._pixels is None and "geometry" not in self.group.attrs:
             raise StoreError(f"{store_path}: a tiles store with neither pixels nor a tiling geometry; re-run tiling")
-        self.coords = np.asarray(self.group["coords"][...]) if "coords" in self.group else np.zeros((self._pixels.shape[0], 2), dtype=np.int64)
+        self.coords = (
+            np.asarray(self.group["coords"][...])
+            if "coords" in self.group
+            else np.zeros((self._pixels.shape[0], 2), dtype=np.int64)
+        )
         self.threads = max(1, int(threads))
-        self.tile_px = int(self._pixels.shape[1]) if self._pixels is not None else int(self.group.attrs["geometry"]["tile_px"])
+        self.tile_px = (
+            int(self._pixels.shape[1]) if self._pixels is not None else int(self.group.attrs["geometry"]["tile_px"])
+        )
         self._slide_path = slide_path
         self._slide = None
         self._geometry = None
@@ -113,7 +119,9 @@ class TileReader:
         def read(i: int) -> np.ndarray:
             return tiling.read_block(blocks[i], slide=slide, geometry=geometry)
 
-        results = _map_ahead(read, range(len(blocks)), threads=self.threads) if background else map(read, range(len(blocks)))
+        results = (
+            _map_ahead(read, range(len(blocks)), threads=self.threads) if background else map(read, range(len(blocks)))
+        )
         yield from zip(groups, results, strict=True)
 
     def _open_slide(self):
@@ -144,10 +152,14 @@ def _check_same_slide(path: Path, *, recorded: dict, store_path: Path) -> None:
     from wsiattack import slides
 
     if not path.is_file():
-        raise StoreError(f"{store_path}: its slide {path} is missing; the tiles store holds coordinates only, so the slide must stay readable")
+        raise StoreError(
+            f"{store_path}: its slide {path} is missing; the tiles store holds coordinates only, so the slide must stay readable"
+        )
     found = slides.source_identity(path)
     if (found["size_bytes"], found["sha256_head_tail"]) != (recorded["size_bytes"], recorded["sha256_head_tail"]):
-        raise StoreError(f"{store_path}: {path} is not the slide that was tiled (size or content changed); re-run tiling for it")
+        raise StoreError(
+            f"{store_path}: {path} is not the slide that was tiled (size or content changed); re-run tiling for it"
+        )
 
 
 def _map_ahead(function, items, *, threads: int) -> Iterator[np.ndarray]:
@@ -165,4 +177,3 @@ def _map_ahead(function, items, *, threads: int) -> Iterator[np.ndarray]:
         finally:
             for future in pending:
                 future.cancel()
-

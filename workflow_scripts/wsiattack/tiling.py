@@ -74,7 +74,13 @@ class TileGeometry:
 
     def describe(self) -> dict[str, float | int]:
         """The tiles store's ``geometry`` attr; ``TileGeometry(**describe())`` rebuilds it."""
-        return {"tile_px": self.tile_px, "level": self.level, "downsample": self.downsample, "side0_px": self.side0_px, "side_level_px": self.side_level_px}
+        return {
+            "tile_px": self.tile_px,
+            "level": self.level,
+            "downsample": self.downsample,
+            "side0_px": self.side0_px,
+            "side_level_px": self.side_level_px,
+        }
 
     def cells(self, coords: np.ndarray) -> np.ndarray:
         """Grid (row, col) of tiles given by level-0 ``coords`` (the inverse of ``coords``)."""
@@ -133,31 +139,65 @@ def tile_slide(
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     if _READER_MISSING is not None:
-        raise ImportError(f"tiling needs the slides environment (envs/slides.yaml): {_READER_MISSING}") from _READER_MISSING
-    with slides.open_slide(slide_path, slide_id=slide_id, mpp_override=mpp_override, allow_objective_power=spec["allow_objective_power"]) as slide:
+        raise ImportError(
+            f"tiling needs the slides environment (envs/slides.yaml): {_READER_MISSING}"
+        ) from _READER_MISSING
+    with slides.open_slide(
+        slide_path, slide_id=slide_id, mpp_override=mpp_override, allow_objective_power=spec["allow_objective_power"]
+    ) as slide:
         plan = plan_tiling(slide, spec=spec, threads=threads)
         geometry, coords = plan.geometry, plan.geometry.coords(plan.cells)
         attrs = tiles_store_attrs(slide.info, geometry=geometry, spec=spec)
         if not len(coords):
             attrs["skipped"] = _no_tissue(slide.info, spec=spec)
-        with stores.atomic_store(out_store, kind=stores.TILES, attrs=attrs) as group, stores.atomic_file(out_qc) as qc_tmp:
+        with (
+            stores.atomic_store(out_store, kind=stores.TILES, attrs=attrs) as group,
+            stores.atomic_file(out_qc) as qc_tmp,
+        ):
             if spec["store_pixels"]:
                 tiles = stores.create_tiles_array(group, n_tiles=len(coords), tile_px=geometry.tile_px)
-                write_in_chunks(tiles, batches=read_blocks(slide, blocks=plan.blocks, geometry=geometry, threads=threads))
+                write_in_chunks(
+                    tiles, batches=read_blocks(slide, blocks=plan.blocks, geometry=geometry, threads=threads)
+                )
             stores.write_array(group, "coords", coords)
             # zlib level 1: half the time of the default 6 for a ~15% larger QC image.
-            qc_image(thumbnail=plan.thumbnail, mask=plan.mask, coords=coords, info=slide.info, geometry=geometry).save(qc_tmp, format="PNG", compress_level=1)
-    log.info("%s: %d tiles at level %d (%.3f µm/px read, %.3f target, mpp from %s)", slide_id, len(coords), geometry.level, slide.info.level_mpp(geometry.level), spec["target_mpp"], slide.info.mpp_source)
+            qc_image(thumbnail=plan.thumbnail, mask=plan.mask, coords=coords, info=slide.info, geometry=geometry).save(
+                qc_tmp, format="PNG", compress_level=1
+            )
+    log.info(
+        "%s: %d tiles at level %d (%.3f µm/px read, %.3f target, mpp from %s)",
+        slide_id,
+        len(coords),
+        geometry.level,
+        slide.info.level_mpp(geometry.level),
+        spec["target_mpp"],
+        slide.info.mpp_source,
+    )
     return len(coords)
 
 
-def tile_shard(*, slides: Sequence[tuple[str, str, float | None]], spec: Mapping[str, Any], out_dir: str | Path, out_qc_dir: str | Path, threads: int = 1) -> int:
+def tile_shard(
+    *,
+    slides: Sequence[tuple[str, str, float | None]],
+    spec: Mapping[str, Any],
+    out_dir: str | Path,
+    out_qc_dir: str | Path,
+    threads: int = 1,
+) -> int:
     """Tile every (slide_id, slide_path, mpp_override) of a shard into ``{out_dir}/{slide_id}.zarr``
     and ``{out_qc_dir}/{slide_id}.png``; return the tiles. Both directories appear only complete."""
     total = 0
     with stores.atomic_dir(out_dir) as tmp, stores.atomic_dir(out_qc_dir) as qc_tmp:
         for slide_id, slide_path, mpp_override in slides:
-            total += tile_slide(slide_id=slide_id, slide_path=slide_path, spec=spec, out_store=stores.slide_store(tmp, slide_id), out_qc=Path(qc_tmp) / f"{slide_id}.png", mpp_override=mpp_override, threads=threads)
+            total += tile_slide(
+                slide_id=slide_id,
+                slide_path=slide_path,
+                spec=spec,
+                out_store=stores.slide_store(tmp, slide_id),
+                out_qc=Path(qc_tmp) / f"{slide_id}.png",
+                mpp_override=mpp_override,
+                threads=threads,
+            )
     return total
 
 
@@ -167,15 +207,26 @@ def plan_tiling(slide: slides.Slide, *, spec: Mapping[str, Any], threads: int) -
     thumbnail = slide.thumbnail(thumbnail_mpp=spec["tissue"]["thumbnail_mpp"], threads=threads)
     mask = tissue_mask(slide.info, thumbnail=thumbnail, spec=spec)
     cells = tissue_cells(slide.info, mask=mask, geometry=geometry, spec=spec)
-    return TilingPlan(geometry=geometry, thumbnail=thumbnail, mask=mask, blocks=plan_blocks(cells, block_cells=block_cells(geometry)))
+    return TilingPlan(
+        geometry=geometry, thumbnail=thumbnail, mask=mask, blocks=plan_blocks(cells, block_cells=block_cells(geometry))
+    )
 
 
 def _no_tissue(info: slides.SlideInfo, *, spec: Mapping[str, Any]) -> str:
     """Raise for a slide without tissue, or (``skip_empty``) log it and return the skip reason."""
-    what = f"no {spec['tile_px']} px tile at {spec['target_mpp']} µm/px has >= {spec['tissue']['min_fraction']:.0%} tissue"
+    what = (
+        f"no {spec['tile_px']} px tile at {spec['target_mpp']} µm/px has >= {spec['tissue']['min_fraction']:.0%} tissue"
+    )
     if not spec["skip_empty"]:
-        raise SlideError(f"slide {info.slide_id!r}: no tissue found in {info.path} ({what}); check the slide, remove it from the sample sheet, or set tiling.skip_empty: true")
-    log.warning("slide %r: no tissue found in %s (%s); writing an empty tiles store (tiling.skip_empty)", info.slide_id, info.path, what)
+        raise SlideError(
+            f"slide {info.slide_id!r}: no tissue found in {info.path} ({what}); check the slide, remove it from the sample sheet, or set tiling.skip_empty: true"
+        )
+    log.warning(
+        "slide %r: no tissue found in %s (%s); writing an empty tiles store (tiling.skip_empty)",
+        info.slide_id,
+        info.path,
+        what,
+    )
     return SKIPPED_NO_TISSUE
 
 
@@ -204,7 +255,9 @@ def tiles_store_attrs(info: slides.SlideInfo, *, geometry: TileGeometry, spec: M
 
 def tile_geometry(info: slides.SlideInfo, *, spec: Mapping[str, Any]) -> TileGeometry:
     level = slides.choose_level(info, target_mpp=spec["target_mpp"], tolerance=spec["mpp_tolerance"])
-    side_level = slides.level_tile_px(tile_px=spec["tile_px"], target_mpp=spec["target_mpp"], level_mpp=info.level_mpp(level))
+    side_level = slides.level_tile_px(
+        tile_px=spec["tile_px"], target_mpp=spec["target_mpp"], level_mpp=info.level_mpp(level)
+    )
     geometry = TileGeometry(
         tile_px=spec["tile_px"],
         level=level,
@@ -236,7 +289,9 @@ def mask_scale(info: slides.SlideInfo, image: np.ndarray) -> np.ndarray:
     return np.array([image.shape[1] / info.width_px, image.shape[0] / info.height_px])
 
 
-def tissue_cells(info: slides.SlideInfo, *, mask: np.ndarray, geometry: TileGeometry, spec: Mapping[str, Any]) -> np.ndarray:
+def tissue_cells(
+    info: slides.SlideInfo, *, mask: np.ndarray, geometry: TileGeometry, spec: Mapping[str, Any]
+) -> np.ndarray:
     """(row, col) of the grid cells (inside the slide) with enough tissue, row-major."""
     side = geometry.side0_px
     rows, cols = int(info.height_px // side), int(info.width_px // side)
@@ -279,7 +334,9 @@ def _bounding_block(cells: np.ndarray) -> Block:
     return Block(row0=int(row0), col0=int(col0), rows=int(row1 - row0), cols=int(col1 - col0), cells=cells)
 
 
-def read_blocks(slide: slides.Slide, *, blocks: Iterable[Block], geometry: TileGeometry, threads: int) -> Iterator[np.ndarray]:
+def read_blocks(
+    slide: slides.Slide, *, blocks: Iterable[Block], geometry: TileGeometry, threads: int
+) -> Iterator[np.ndarray]:
     """Yield each block's kept tiles as (k, T, T, 3) uint8, in block order."""
     return slides.map_bounded(partial(read_block, slide=slide, geometry=geometry), items=blocks, threads=threads)
 
@@ -294,11 +351,19 @@ def read_block(block: Block, *, slide: slides.Slide, geometry: TileGeometry) -> 
     if not geometry.resized:
         pixels = slide.read_rgb(location=location, level=geometry.level, size=(block.cols * tile, block.rows * tile))
         return cut_tiles(pixels, block=block, tile_px=tile)
-    region = slide.read_image(location=location, level=geometry.level, size=(math.ceil(x0 - left + block.cols * side), math.ceil(y0 - top + block.rows * side)))
-    return np.stack([_resized_tile(region, row=row, col=col, origin=(left, top), geometry=geometry) for row, col in block.cells])
+    region = slide.read_image(
+        location=location,
+        level=geometry.level,
+        size=(math.ceil(x0 - left + block.cols * side), math.ceil(y0 - top + block.rows * side)),
+    )
+    return np.stack(
+        [_resized_tile(region, row=row, col=col, origin=(left, top), geometry=geometry) for row, col in block.cells]
+    )
 
 
-def _resized_tile(region: Image.Image, *, row: int, col: int, origin: tuple[int, int], geometry: TileGeometry) -> np.ndarray:
+def _resized_tile(
+    region: Image.Image, *, row: int, col: int, origin: tuple[int, int], geometry: TileGeometry
+) -> np.ndarray:
     """One tile resized from exactly its own window of level pixels (the whole pixels it
     overlaps): the filter never sees a neighbour's pixels, so the tile is the same whichever
     block it is read in."""
@@ -307,7 +372,9 @@ def _resized_tile(region: Image.Image, *, row: int, col: int, origin: tuple[int,
     window = (math.floor(x0), math.floor(y0), math.ceil(x0 + side), math.ceil(y0 + side))
     box = (x0 - window[0], y0 - window[1], x0 - window[0] + side, y0 - window[1] + side)
     crop = region.crop(window)
-    return slides.rgb_pixels(crop.resize((geometry.tile_px, geometry.tile_px), Image.Resampling.BILINEAR, box=box, reducing_gap=None))
+    return slides.rgb_pixels(
+        crop.resize((geometry.tile_px, geometry.tile_px), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
+    )
 
 
 def cut_tiles(region: np.ndarray, *, block: Block, tile_px: int) -> np.ndarray:
@@ -321,7 +388,9 @@ def cut_tiles(region: np.ndarray, *, block: Block, tile_px: int) -> np.ndarray:
     return tiles.view(np.uint8).reshape(-1, tile_px, tile_px, 3)
 
 
-def write_in_chunks(array: zarr.Array, *, batches: Iterable[np.ndarray], chunks_per_write: int | None = None, depth: int | None = None) -> None:
+def write_in_chunks(
+    array: zarr.Array, *, batches: Iterable[np.ndarray], chunks_per_write: int | None = None, depth: int | None = None
+) -> None:
     """Fill a zarr array whole chunk by whole chunk, in order (no read-modify-write).
 
     Tiles are gathered into slabs of ``chunks_per_write`` whole chunks; a writer thread stores
@@ -366,7 +435,9 @@ def write_in_chunks(array: zarr.Array, *, batches: Iterable[np.ndarray], chunks_
         raise RuntimeError(f"wrote {start} tiles into an array of {array.shape[0]}")
 
 
-def qc_image(*, thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, info: slides.SlideInfo, geometry: TileGeometry) -> Image.Image:
+def qc_image(
+    *, thumbnail: np.ndarray, mask: np.ndarray, coords: np.ndarray, info: slides.SlideInfo, geometry: TileGeometry
+) -> Image.Image:
     """Thumbnail with the tissue mask tinted green and every kept tile outlined in blue."""
     plain = Image.fromarray(thumbnail)
     tinted = Image.blend(plain, Image.new("RGB", plain.size, (0, 200, 0)), 0.3)

@@ -131,9 +131,13 @@ def _fit_tile(levels: torch.Tensor, exact: torch.Tensor, budget: int) -> torch.T
     movable = torch.nonzero(flat != 0).squeeze(1)
     order = movable[torch.argsort(overshoot[movable], descending=True, stable=True)]
     savings = torch.cumsum(2 * flat[order].abs() - 1, dim=0)
-    n_moves = int(torch.searchsorted(savings, torch.tensor([excess_sq], dtype=savings.dtype, device=savings.device))[0]) + 1
+    n_moves = (
+        int(torch.searchsorted(savings, torch.tensor([excess_sq], dtype=savings.dtype, device=savings.device))[0]) + 1
+    )
     if n_moves > len(order):
-        raise AttackError(f"cannot round this tile into the L2 ball ({excess_sq} squared grey levels over): a bug, please report")
+        raise AttackError(
+            f"cannot round this tile into the L2 ball ({excess_sq} squared grey levels over): a bug, please report"
+        )
     moved = order[:n_moves]
     flat[moved] -= flat[moved].sign()
     return flat.view_as(levels)

@@ -18,7 +18,9 @@ def tiles_to_attack(n_tiles: int, *, fraction: float, min_tiles: int = 1, max_ti
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"attack budget.fraction {fraction} must be in (0, 1]")
     if min_tiles < 1 or (max_tiles is not None and max_tiles < min_tiles):
-        raise ConfigError(f"attack budget: need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}")
+        raise ConfigError(
+            f"attack budget: need 1 <= min_tiles <= max_tiles, got min_tiles={min_tiles}, max_tiles={max_tiles}"
+        )
     k = max(min_tiles, round(fraction * n_tiles))
     if max_tiles is not None:
         k = min(k, max_tiles)

@@ -54,7 +54,9 @@ def attack_mode(encoder: nn.Module, *, device: torch.device) -> Iterator[None]:
 class Problem:
     """One batch: the encoder, the clean tiles, their reference output, the objective, the ball."""
 
-    def __init__(self, *, encoder: nn.Module, clean: torch.Tensor, reference: torch.Tensor, objective: ObjectiveFn, ball: Ball):
+    def __init__(
+        self, *, encoder: nn.Module, clean: torch.Tensor, reference: torch.Tensor, objective: ObjectiveFn, ball: Ball
+    ):
         # clone: tensors made under inference_mode cannot take part in autograd
         self.encoder, self.objective, self.ball = encoder, objective, ball
         self.clean = clean.detach().clone().float()
@@ -78,7 +80,9 @@ class Problem:
     def _checked_value(self, x: torch.Tensor) -> torch.Tensor:
         value = self.objective(self.encoder(x).float(), self.reference)
         if not torch.isfinite(value).all():
-            raise AttackError("non-finite attack objective: the encoder produced NaN/Inf embeddings for a perturbed tile")
+            raise AttackError(
+                "non-finite attack objective: the encoder produced NaN/Inf embeddings for a perturbed tile"
+            )
         return value
 
 
@@ -88,7 +92,9 @@ def check_gradient(grad: torch.Tensor) -> None:
         raise AttackError("non-finite input gradient: the encoder is not differentiable in float32 here")
     flat = grad.flatten(1).abs().amax(dim=1)
     if (flat == 0).any():
-        raise AttackError(f"all-zero input gradient for {int((flat == 0).sum())} tile(s) at a point inside the bound: gradient masking or a detached wrapper")
+        raise AttackError(
+            f"all-zero input gradient for {int((flat == 0).sum())} tile(s) at a point inside the bound: gradient masking or a detached wrapper"
+        )
 
 
 class BestIterate:
@@ -98,13 +104,28 @@ class BestIterate:
     success and (0, objective) otherwise.
     """
 
-    def __init__(self, x: torch.Tensor, value: torch.Tensor, *, primary: torch.Tensor | None = None, secondary: torch.Tensor | None = None):
+    def __init__(
+        self,
+        x: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        primary: torch.Tensor | None = None,
+        secondary: torch.Tensor | None = None,
+    ):
         self.x, self.value = x.detach().clone(), value.detach().clone()
         self.primary = torch.zeros_like(value) if primary is None else primary.float()
         self.secondary = value.clone() if secondary is None else secondary.clone()
         self.step = torch.zeros(len(value), dtype=torch.int64, device=value.device)
 
-    def update(self, x: torch.Tensor, value: torch.Tensor, *, step: int, primary: torch.Tensor | None = None, secondary: torch.Tensor | None = None) -> torch.Tensor:
+    def update(
+        self,
+        x: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        step: int,
+        primary: torch.Tensor | None = None,
+        secondary: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Keep ``x`` where it beats the best so far; return the mask of improved tiles."""
         primary = torch.zeros_like(value) if primary is None else primary.float()
         secondary = value if secondary is None else secondary
@@ -133,7 +154,15 @@ class Method:
     def __post_init__(self) -> None:
         object.__setattr__(self, "ball", Ball(self.norm, self.eps))
 
-    def __call__(self, *, encoder: nn.Module, clean: torch.Tensor, reference: torch.Tensor, generator: torch.Generator, objective: ObjectiveFn) -> AttackOutcome:
+    def __call__(
+        self,
+        *,
+        encoder: nn.Module,
+        clean: torch.Tensor,
+        reference: torch.Tensor,
+        generator: torch.Generator,
+        objective: ObjectiveFn,
+    ) -> AttackOutcome:
         with attack_mode(encoder, device=clean.device):
             problem = Problem(encoder=encoder, clean=clean, reference=reference, objective=objective, ball=self.ball)
             best = self._run(problem, generator)
@@ -197,10 +226,14 @@ class MIFGSM(PGD):
     momentum: float = 1.0
 
     def _run(self, problem: Problem, generator: torch.Generator) -> BestIterate:
-        return projected_ascent(problem, generator=generator, steps=self.steps, step_size=self.step_size, momentum=self.momentum)
+        return projected_ascent(
+            problem, generator=generator, steps=self.steps, step_size=self.step_size, momentum=self.momentum
+        )
 
 
-def projected_ascent(problem: Problem, *, generator: torch.Generator, steps: int, step_size: float, momentum: float) -> BestIterate:
+def projected_ascent(
+    problem: Problem, *, generator: torch.Generator, steps: int, step_size: float, momentum: float
+) -> BestIterate:
     """PGD / MI-FGSM loop from a random start; with momentum 0 the direction is the gradient's.
 
     The gradient is L1-normalised per tile before it is accumulated (Dong et al.); the step
@@ -241,7 +274,9 @@ class APGD(Method):
         x = self.ball.random_start(clean, generator=generator)
         value, grad = problem.value_and_grad(x)
         best, grad_best = BestIterate(x, value), grad.clone()
-        schedule = _APGDSchedule(n_tiles=len(clean), n_steps=n, initial=2 * self.eps, rho=self.rho, best=best.value, device=clean.device)
+        schedule = _APGDSchedule(
+            n_tiles=len(clean), n_steps=n, initial=2 * self.eps, rho=self.rho, best=best.value, device=clean.device
+        )
         x_prev = x
         for i in range(n):
             x_next = self._momentum_step(x, x_prev, grad, schedule.step_size, clean, first=i == 0)
@@ -256,7 +291,16 @@ class APGD(Method):
                 x[reduce], grad[reduce] = best.x[reduce], grad_best[reduce]
         return best
 
-    def _momentum_step(self, x: torch.Tensor, x_prev: torch.Tensor, grad: torch.Tensor, step_size: torch.Tensor, clean: torch.Tensor, *, first: bool) -> torch.Tensor:
+    def _momentum_step(
+        self,
+        x: torch.Tensor,
+        x_prev: torch.Tensor,
+        grad: torch.Tensor,
+        step_size: torch.Tensor,
+        clean: torch.Tensor,
+        *,
+        first: bool,
+    ) -> torch.Tensor:
         z = self.ball.project(self.ball.step(x, grad, step_size), clean)
         alpha = 1.0 if first else self.momentum
         return self.ball.project(x + alpha * (z - x) + (1 - alpha) * (x - x_prev), clean)
@@ -265,7 +309,9 @@ class APGD(Method):
 class _APGDSchedule:
     """APGD's per-tile step sizes and checkpoint bookkeeping."""
 
-    def __init__(self, *, n_tiles: int, n_steps: int, initial: float, rho: float, best: torch.Tensor, device: torch.device):
+    def __init__(
+        self, *, n_tiles: int, n_steps: int, initial: float, rho: float, best: torch.Tensor, device: torch.device
+    ):
         self.step_size = torch.full((n_tiles, 1, 1, 1), initial, device=device)
         self.interval = max(int(0.22 * n_steps), 1)
         self.shrink, self.minimum = max(int(0.03 * n_steps), 1), max(int(0.06 * n_steps), 1)
@@ -342,7 +388,9 @@ class CarliniWagnerL2(Method):
             w_start = torch.atanh((2 * best.x - 1).clamp(-1 + 1e-6, 1 - 1e-6))  # the next round goes on from here
         return best
 
-    def _round(self, problem: Problem, w_start: torch.Tensor, c: torch.Tensor, best: BestIterate | None, *, first_step: int) -> tuple[BestIterate, torch.Tensor]:
+    def _round(
+        self, problem: Problem, w_start: torch.Tensor, c: torch.Tensor, best: BestIterate | None, *, first_step: int
+    ) -> tuple[BestIterate, torch.Tensor]:
         clean, radius_sq = problem.clean, self.ball.radius(problem.clean) ** 2
         kappa = math.inf if self.kappa is None else self.kappa
         w = w_start.clone().requires_grad_(True)
@@ -389,7 +437,14 @@ class _BinarySearch:
         self.c = torch.where(bounded, (self.lower + self.upper) / 2, self.c * 10)
 
 
-METHODS: dict[str, type[Method]] = {"fgsm": FGSM, "pgd": PGD, "mifgsm": MIFGSM, "apgd": APGD, "cw": CarliniWagnerL2, "noise": UniformNoise}
+METHODS: dict[str, type[Method]] = {
+    "fgsm": FGSM,
+    "pgd": PGD,
+    "mifgsm": MIFGSM,
+    "apgd": APGD,
+    "cw": CarliniWagnerL2,
+    "noise": UniformNoise,
+}
 
 
 def build_method(spec: dict[str, Any]) -> tuple[Method, Objective]:
@@ -398,4 +453,6 @@ def build_method(spec: dict[str, Any]) -> tuple[Method, Objective]:
     params = method_params(spec, where=where, strict=False)
     method = METHODS[spec["method"]]
     accepted = {f.name for f in fields(method) if f.init}
-    return method(eps=float(spec["eps"]), **{k: v for k, v in params.items() if k in accepted}), get_objective(spec.get("objective", "cosine"))
+    return method(eps=float(spec["eps"]), **{k: v for k, v in params.items() if k in accepted}), get_objective(
+        spec.get("objective", "cosine")
+    )

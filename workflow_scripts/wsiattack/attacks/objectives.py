@@ -37,7 +37,9 @@ def l2_distance(embedding: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
 
 
 def _needs_binding(embedding: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
-    raise AttackError("objective 'mil_cross_entropy' needs the slide's MIL head and bag: bind it with oracle.MILHead.objective_for")
+    raise AttackError(
+        "objective 'mil_cross_entropy' needs the slide's MIL head and bag: bind it with oracle.MILHead.objective_for"
+    )
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,9 @@ class MILHead:
 
     def check_bag(self, bag_dim: int, *, where: str) -> None:
         if bag_dim != self.module.in_dim:
-            raise StoreError(f"{where}: clean features have {bag_dim} dimensions but the MIL head expects {self.module.in_dim}; re-run extraction and training")
+            raise StoreError(
+                f"{where}: clean features have {bag_dim} dimensions but the MIL head expects {self.module.in_dim}; re-run extraction and training"
+            )
 
 
 def load_fold_head(*, slide_id: str, splits_csv: str | Path, model_paths: Sequence[str | Path]) -> MILHead:
@@ -60,15 +62,25 @@ def load_fold_head(*, slide_id: str, splits_csv: str | Path, model_paths: Sequen
     fold = int(record["fold"])
     paths = [Path(p) for p in model_paths if Path(p).parent.name == f"fold{fold}"]
     if len(paths) != 1:
-        raise AttackError(f"{slide_id}: is a test slide of fold {fold}, but {len(paths)} of the {len(model_paths)} MIL checkpoints given are of that fold")
+        raise AttackError(
+            f"{slide_id}: is a test slide of fold {fold}, but {len(paths)} of the {len(model_paths)} MIL checkpoints given are of that fold"
+        )
     module, meta = load_mil_checkpoint(paths[0])
     seen = {*meta.get("train_slides", ()), *meta.get("val_slides", ())}
     if meta.get("fold") != fold or slide_id in seen:
-        raise StoreError(f"{paths[0]}: trained for fold {meta.get('fold')} on slides that include {slide_id!r} or not for fold {fold}; splits changed since training: re-run train_mil")
+        raise StoreError(
+            f"{paths[0]}: trained for fold {meta.get('fold')} on slides that include {slide_id!r} or not for fold {fold}; splits changed since training: re-run train_mil"
+        )
     classes = list(meta["classes"])
     if record["label"] not in classes:
-        raise AttackError(f"{slide_id}: label {record['label']!r} is not one of the head's classes ({', '.join(classes)})")
-    return MILHead(module=module.eval().requires_grad_(False), target=classes.index(record["label"]), provenance={"model": meta["model"], "fold": fold})
+        raise AttackError(
+            f"{slide_id}: label {record['label']!r} is not one of the head's classes ({', '.join(classes)})"
+        )
+    return MILHead(
+        module=module.eval().requires_grad_(False),
+        target=classes.index(record["label"]),
+        provenance={"model": meta["model"], "fold": fold},
+    )
 
 
 def _split_record(splits_csv: str | Path, *, slide_id: str) -> dict[str, str]:

@@ -69,7 +69,9 @@ def method_params(entry: Mapping[str, Any], *, where: str, strict: bool) -> dict
 def normalise_attack(entry: Mapping[str, Any], *, where: str) -> dict[str, Any]:
     """A validated attack entry with its method's parameters made explicit (strict)."""
     if entry["method"] != "noise" and float(entry["eps"]) == 0:
-        raise ConfigError(f"config: {where}.eps: 0 is only meaningful for the noise method (the null control: the tiles unmodified); use a bound > 0")
+        raise ConfigError(
+            f"config: {where}.eps: 0 is only meaningful for the noise method (the null control: the tiles unmodified); use a bound > 0"
+        )
     out = copy.deepcopy(dict(entry))
     out.update(method_params(entry, where=where, strict=True))
     return out
@@ -94,11 +96,15 @@ def resolve_mil(entry: dict[str, Any], *, mil_models: list[str], where: str) -> 
     """Fill ``mil`` (default: the first of mil.models) for the attacks that use a head, check it."""
     if not uses_mil_head(entry):
         if entry.get("mil") is not None:
-            raise ConfigError(f"config: {where}.mil: only attacks with selection 'attention' or objective 'mil_cross_entropy' use a MIL head; remove it")
+            raise ConfigError(
+                f"config: {where}.mil: only attacks with selection 'attention' or objective 'mil_cross_entropy' use a MIL head; remove it"
+            )
         entry.pop("mil", None)
         return
     if entry.get("objective") in ORACLE_OBJECTIVES and entry.get("selection") == "vulnerability":
-        raise ConfigError(f"config: {where}.selection: the vulnerability probe scores tiles one by one and cannot use objective {entry['objective']!r}; use random, centrality or attention")
+        raise ConfigError(
+            f"config: {where}.selection: the vulnerability probe scores tiles one by one and cannot use objective {entry['objective']!r}; use random, centrality or attention"
+        )
     entry["mil"] = entry.get("mil") or mil_models[0]
     if entry["mil"] not in mil_models:
         raise ConfigError(f"config: {where}.mil: {entry['mil']!r} is not one of mil.models ({', '.join(mil_models)})")
@@ -109,17 +115,27 @@ def _refuse_foreign(entry: Mapping[str, Any], *, method: str, where: str) -> Non
     foreign = sorted(key for key in METHOD_PARAMS - set(own) if entry.get(key) is not None)
     if foreign:
         allowed = ", ".join(own) or "none"
-        raise ConfigError(f"config: {where}.{foreign[0]}: not a parameter of method {method!r} (its parameters: {allowed}); remove it")
+        raise ConfigError(
+            f"config: {where}.{foreign[0]}: not a parameter of method {method!r} (its parameters: {allowed}); remove it"
+        )
 
 
 _INTEGER_MINIMUM = {"steps": 1, "restarts": 1, "binary_search_steps": 1}
 # key: (low, high, low included)
-_REAL_RANGE = {"step_size": (0.0, 1.0, False), "c": (0.0, float("inf"), False), "lr": (0.0, float("inf"), False), "momentum": (0.0, float("inf"), True), "rho": (0.0, 1.0, True)}
+_REAL_RANGE = {
+    "step_size": (0.0, 1.0, False),
+    "c": (0.0, float("inf"), False),
+    "lr": (0.0, float("inf"), False),
+    "momentum": (0.0, float("inf"), True),
+    "rho": (0.0, 1.0, True),
+}
 
 
 def _check_ranges(params: Mapping[str, Any], *, where: str) -> None:
     for key, minimum in _INTEGER_MINIMUM.items():
-        if key in params and (isinstance(params[key], bool) or not isinstance(params[key], int) or params[key] < minimum):
+        if key in params and (
+            isinstance(params[key], bool) or not isinstance(params[key], int) or params[key] < minimum
+        ):
             raise ConfigError(f"config: {where}.{key}: {params[key]!r} must be an integer >= {minimum}")
     for key, (low, high, closed) in _REAL_RANGE.items():
         if params.get(key) is None:

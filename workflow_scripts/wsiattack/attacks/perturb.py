@@ -68,34 +68,100 @@ def perturb_slide(
     the path recorded at tiling).
     """
     with TileReader(tiles_store, slide_path=slide_path, threads=reader_threads) as tiles:
-        return _perturb_tiles(slide_id=slide_id, tiles=tiles, encoder=encoder, spec=dict(spec), out_store=out_store, device=device, features_store=features_store, mil_head=mil_head)
+        return _perturb_tiles(
+            slide_id=slide_id,
+            tiles=tiles,
+            encoder=encoder,
+            spec=dict(spec),
+            out_store=out_store,
+            device=device,
+            features_store=features_store,
+            mil_head=mil_head,
+        )
 
 
-def _perturb_tiles(*, slide_id: str, tiles: TileReader, encoder: TileEncoder, spec: dict[str, Any], out_store: str | Path, device: torch.device, features_store: str | Path | None, mil_head: MILHead | None) -> int:
+def _perturb_tiles(
+    *,
+    slide_id: str,
+    tiles: TileReader,
+    encoder: TileEncoder,
+    spec: dict[str, Any],
+    out_store: str | Path,
+    device: torch.device,
+    features_store: str | Path | None,
+    mil_head: MILHead | None,
+) -> int:
     n_tiles = tiles.shape[0]
     method, objective = build_method(spec)
     k = tiles_to_attack(n_tiles, **spec["budget"])
     if k == 0:  # a slide left empty by tiling.skip_empty: nothing to attack, say so in the store
-        attrs = {"slide_id": slide_id, "attack": spec, "n_tiles": 0, "k": 0, "skipped": "no tissue", **threat_marking(spec)}
+        attrs = {
+            "slide_id": slide_id,
+            "attack": spec,
+            "n_tiles": 0,
+            "k": 0,
+            "skipped": "no tissue",
+            **threat_marking(spec),
+        }
         with stores.atomic_store(out_store, kind=stores.ATTACK, attrs=attrs) as group:
             stores.write_array(group, "index", np.empty(0, dtype=np.int64))
             stores.write_tile_batch(group, "adv_tiles", np.empty((0, *tiles.shape[1:]), dtype=np.uint8))
         return 0
     encoder = encoder.to(device).eval()
     rng = slide_rng(spec["seed"], slide_id)
-    context = _SelectionContext(slide_id=slide_id, tiles=tiles, encoder=encoder, method=method, objective=objective, device=device, features_store=features_store, mil_head=_checked_head(mil_head, spec=spec, slide_id=slide_id), seed=spec["seed"])
+    context = _SelectionContext(
+        slide_id=slide_id,
+        tiles=tiles,
+        encoder=encoder,
+        method=method,
+        objective=objective,
+        device=device,
+        features_store=features_store,
+        mil_head=_checked_head(mil_head, spec=spec, slide_id=slide_id),
+        seed=spec["seed"],
+    )
     chosen = _select(spec["selection"], k=k, rng=rng, context=context)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     objective_of = _objective_binder(objective, context=context, index=chosen.index)
 
     started = time.perf_counter()
     clean_uint8 = np.asarray(tiles.get_orthogonal_selection((chosen.index,)))  # one read of k tiles
-    batches = [_attack_batch(encoder, clean_uint8[s : s + ATTACK_BATCH], method=method, objective_fn=objective_of(s), generator=generator, device=device, label=f"{slide_id}[{s}:{s + ATTACK_BATCH}]") for s in range(0, k, ATTACK_BATCH)]
+    batches = [
+        _attack_batch(
+            encoder,
+            clean_uint8[s : s + ATTACK_BATCH],
+            method=method,
+            objective_fn=objective_of(s),
+            generator=generator,
+            device=device,
+            label=f"{slide_id}[{s}:{s + ATTACK_BATCH}]",
+        )
+        for s in range(0, k, ATTACK_BATCH)
+    ]
     merged = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
     seconds = time.perf_counter() - started
-    log.info("%s: attacked %d/%d tiles with %s in %.1f s (%.2f s/tile); mean objective %.4f before, %.4f after rounding", slide_id, k, n_tiles, spec.get("name", spec["method"]), seconds, seconds / k, merged["objective_before_rounding"].mean(), merged["objective"].mean())
+    log.info(
+        "%s: attacked %d/%d tiles with %s in %.1f s (%.2f s/tile); mean objective %.4f before, %.4f after rounding",
+        slide_id,
+        k,
+        n_tiles,
+        spec.get("name", spec["method"]),
+        seconds,
+        seconds / k,
+        merged["objective_before_rounding"].mean(),
+        merged["objective"].mean(),
+    )
 
-    attrs = _attrs(slide_id=slide_id, spec=spec, encoder=encoder, method=method, n_tiles=n_tiles, chosen=chosen, clean=clean_uint8, mil_head=context.mil_head)
+    attrs = _attrs(
+        slide_id=slide_id,
+        spec=spec,
+        encoder=encoder,
+        method=method,
+        n_tiles=n_tiles,
+        chosen=chosen,
+        clean=clean_uint8,
+        mil_head=context.mil_head,
+    )
     with stores.atomic_store(out_store, kind=stores.ATTACK, attrs=attrs) as group:
         stores.write_array(group, "index", chosen.index)
         stores.write_tile_batch(group, "adv_tiles", merged.pop("adv_tiles"))
@@ -108,8 +174,26 @@ def _perturb_tiles(*, slide_id: str, tiles: TileReader, encoder: TileEncoder, sp
 class _SelectionContext:
     """Everything a selection strategy may need, gathered once per slide."""
 
-    def __init__(self, *, slide_id: str, tiles, encoder: TileEncoder, method: Method, objective: Objective, device: torch.device, features_store: str | Path | None, mil_head: MILHead | None, seed: int):
-        self.slide_id, self.tiles, self.encoder, self.method, self.objective = slide_id, tiles, encoder, method, objective
+    def __init__(
+        self,
+        *,
+        slide_id: str,
+        tiles,
+        encoder: TileEncoder,
+        method: Method,
+        objective: Objective,
+        device: torch.device,
+        features_store: str | Path | None,
+        mil_head: MILHead | None,
+        seed: int,
+    ):
+        self.slide_id, self.tiles, self.encoder, self.method, self.objective = (
+            slide_id,
+            tiles,
+            encoder,
+            method,
+            objective,
+        )
         self.device, self.features_store, self.mil_head, self.seed = device, features_store, mil_head, seed
         self._features: np.ndarray | None = None
 
@@ -122,14 +206,20 @@ class _SelectionContext:
     def _read_features(self, *, required_by: str | None) -> np.ndarray | None:
         if self.features_store is None:
             if required_by:
-                raise AttackError(f"{self.slide_id}: {required_by} needs the clean features store of this slide: pass features_store")
+                raise AttackError(
+                    f"{self.slide_id}: {required_by} needs the clean features store of this slide: pass features_store"
+                )
             return None
         group = stores.open_store(self.features_store, kind=stores.FEATURES)
         if group.attrs.get("weights_id") != self.encoder.weights_id:
-            raise StoreError(f"{self.features_store}: features of weights {group.attrs.get('weights_id')!r}, but the attacked encoder is {self.encoder.weights_id!r}; re-run extraction")
+            raise StoreError(
+                f"{self.features_store}: features of weights {group.attrs.get('weights_id')!r}, but the attacked encoder is {self.encoder.weights_id!r}; re-run extraction"
+            )
         features = np.asarray(group["features"][...])
         if len(features) != self.tiles.shape[0]:
-            raise StoreError(f"{self.features_store}: {len(features)} feature rows for {self.tiles.shape[0]} tiles of {self.slide_id}; re-run extraction")
+            raise StoreError(
+                f"{self.features_store}: {len(features)} feature rows for {self.tiles.shape[0]} tiles of {self.slide_id}; re-run extraction"
+            )
         return features
 
 
@@ -137,7 +227,11 @@ def _select(strategy: str, *, k: int, rng: np.random.Generator, context: _Select
     if strategy == "random":
         return sel.random_selection(context.tiles.shape[0], k=k, rng=rng)
     if strategy == "centrality":
-        return sel.top_k_selection(sel.centrality_scores(context.features(required_by="selection 'centrality'")), k=k, what=f"{context.slide_id}: centrality")
+        return sel.top_k_selection(
+            sel.centrality_scores(context.features(required_by="selection 'centrality'")),
+            k=k,
+            what=f"{context.slide_id}: centrality",
+        )
     if strategy == "attention":
         return _attention_selection(context, k=k)
     if strategy == "vulnerability":
@@ -154,7 +248,9 @@ def _attention_selection(context: _SelectionContext, *, k: int) -> sel.Selection
 
 def _checked_head(mil_head: MILHead | None, *, spec: Mapping[str, Any], slide_id: str) -> MILHead | None:
     if uses_mil_head(spec) and mil_head is None:
-        raise AttackError(f"{slide_id}: attack {spec.get('name', '?')!r} (selection {spec['selection']!r}, objective {spec.get('objective')!r}) needs the trained MIL head of the slide's test fold: pass mil_head")
+        raise AttackError(
+            f"{slide_id}: attack {spec.get('name', '?')!r} (selection {spec['selection']!r}, objective {spec.get('objective')!r}) needs the trained MIL head of the slide's test fold: pass mil_head"
+        )
     return mil_head
 
 
@@ -171,15 +267,34 @@ def _objective_binder(objective: Objective, *, context: _SelectionContext, index
 
 
 def _vulnerability_selection(context: _SelectionContext, *, k: int) -> sel.Selection:
-    probe = sel.Probe(encoder=context.encoder, ball=context.method.ball, objective=context.objective.fn, device=context.device)
-    generator = torch.Generator().manual_seed(int(slide_rng(context.seed, context.slide_id, stream=PROBE_STREAM).integers(2**62)))
-    scores, evaluations = sel.vulnerability_scores(context.tiles, probe=probe, reference=context.features(required_by=None), generator=generator, label=context.slide_id)
+    probe = sel.Probe(
+        encoder=context.encoder, ball=context.method.ball, objective=context.objective.fn, device=context.device
+    )
+    generator = torch.Generator().manual_seed(
+        int(slide_rng(context.seed, context.slide_id, stream=PROBE_STREAM).integers(2**62))
+    )
+    scores, evaluations = sel.vulnerability_scores(
+        context.tiles,
+        probe=probe,
+        reference=context.features(required_by=None),
+        generator=generator,
+        label=context.slide_id,
+    )
     chosen = sel.top_k_selection(scores, k=k, what=f"{context.slide_id}: vulnerability")
     chosen.probe_tiles, chosen.probe_evaluations = len(scores), evaluations
     return chosen
 
 
-def _attack_batch(encoder: TileEncoder, clean_uint8: np.ndarray, *, method: Method, objective_fn: ObjectiveFn, generator: torch.Generator, device: torch.device, label: str) -> dict[str, np.ndarray]:
+def _attack_batch(
+    encoder: TileEncoder,
+    clean_uint8: np.ndarray,
+    *,
+    method: Method,
+    objective_fn: ObjectiveFn,
+    generator: torch.Generator,
+    device: torch.device,
+    label: str,
+) -> dict[str, np.ndarray]:
     started = time.perf_counter()
     clean = to_unit_pixels(clean_uint8).to(device)
     with torch.no_grad():
@@ -190,7 +305,14 @@ def _attack_batch(encoder: TileEncoder, clean_uint8: np.ndarray, *, method: Meth
     with torch.no_grad():
         after_rounding = objective_fn(encoder(adv_uint8.float() / 255).float(), reference)
     delta = (adv_uint8.float() - clean_levels.float()).flatten(1) / 255  # exact grey-level steps
-    log.info("%s: %d tiles in %.2f s (%.2f s/tile, %d gradient evaluations each)", label, len(clean), time.perf_counter() - started, (time.perf_counter() - started) / len(clean), int(outcome.iterations[0]))
+    log.info(
+        "%s: %d tiles in %.2f s (%.2f s/tile, %d gradient evaluations each)",
+        label,
+        len(clean),
+        time.perf_counter() - started,
+        (time.perf_counter() - started) / len(clean),
+        int(outcome.iterations[0]),
+    )
     return {
         "adv_tiles": adv_uint8.permute(0, 2, 3, 1).cpu().numpy(),
         "linf": delta.abs().amax(dim=1).cpu().numpy().astype(np.float32),
@@ -202,14 +324,33 @@ def _attack_batch(encoder: TileEncoder, clean_uint8: np.ndarray, *, method: Meth
     }
 
 
-def _attrs(*, slide_id: str, spec: dict[str, Any], encoder: TileEncoder, method: Method, n_tiles: int, chosen: sel.Selection, clean: np.ndarray, mil_head: MILHead | None) -> dict[str, Any]:
+def _attrs(
+    *,
+    slide_id: str,
+    spec: dict[str, Any],
+    encoder: TileEncoder,
+    method: Method,
+    n_tiles: int,
+    chosen: sel.Selection,
+    clean: np.ndarray,
+    mil_head: MILHead | None,
+) -> dict[str, Any]:
     radius = method.ball.radius_for(int(np.prod(clean.shape[1:])))
     head = {"mil_head": mil_head.provenance} if mil_head is not None and uses_mil_head(spec) else {}
     return {
-        "slide_id": slide_id, "attack": spec, "encoder": encoder.describe(), "n_tiles": n_tiles, "k": len(chosen.index),
+        "slide_id": slide_id,
+        "attack": spec,
+        "encoder": encoder.describe(),
+        "n_tiles": n_tiles,
+        "k": len(chosen.index),
         "method_params": method_params(spec, where=f"attacks.{spec.get('name', '?')}", strict=False),
         "bound": {"norm": method.ball.norm, "eps": method.ball.eps, "radius": radius},
-        "selection": {"strategy": spec["selection"], "probe_tiles": chosen.probe_tiles, "probe_gradient_evaluations": chosen.probe_evaluations},
+        "selection": {
+            "strategy": spec["selection"],
+            "probe_tiles": chosen.probe_tiles,
+            "probe_gradient_evaluations": chosen.probe_evaluations,
+        },
         "selection_probe_tiles": chosen.probe_tiles,
-        **threat_marking(spec), **head,
+        **threat_marking(spec),
+        **head,
     }

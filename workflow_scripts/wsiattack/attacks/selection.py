@@ -57,7 +57,9 @@ def top_k_selection(scores: np.ndarray, *, k: int, what: str) -> Selection:
     """The k highest scores (ties: lower index first), returned in tile order."""
     scores = np.asarray(scores, dtype=np.float64)
     if scores.ndim != 1 or not np.isfinite(scores).all():
-        raise AttackError(f"{what}: need one finite score per tile, got shape {scores.shape} with {int((~np.isfinite(scores)).sum())} non-finite")
+        raise AttackError(
+            f"{what}: need one finite score per tile, got shape {scores.shape} with {int((~np.isfinite(scores)).sum())} non-finite"
+        )
     order = np.lexsort((np.arange(len(scores)), -scores))[:k]
     index = np.sort(order).astype(np.int64)
     return Selection(index, scores[index].astype(np.float32))
@@ -86,7 +88,9 @@ class Probe:
     batch_size: int = 32
 
 
-def vulnerability_scores(tiles, *, probe: Probe, reference: np.ndarray | None, generator: torch.Generator, label: str) -> tuple[np.ndarray, int]:
+def vulnerability_scores(
+    tiles, *, probe: Probe, reference: np.ndarray | None, generator: torch.Generator, label: str
+) -> tuple[np.ndarray, int]:
     """Per tile: objective at a random start + first-order gain of one full-bound step; and the batches used.
 
     ``tiles`` is a uint8 (N, T, T, 3) zarr/numpy array; ``reference`` the clean features
@@ -97,12 +101,20 @@ def vulnerability_scores(tiles, *, probe: Probe, reference: np.ndarray | None, g
         for start, batch in iter_batches(tiles, batch_size=probe.batch_size):
             clean = to_unit_pixels(batch).to(probe.device)
             ref = _reference(probe, clean, None if reference is None else reference[start : start + len(batch)])
-            problem = Problem(encoder=probe.encoder, clean=clean, reference=ref, objective=probe.objective, ball=probe.ball)
+            problem = Problem(
+                encoder=probe.encoder, clean=clean, reference=ref, objective=probe.objective, ball=probe.ball
+            )
             value, grad = problem.value_and_grad(probe.ball.random_start(problem.clean, generator=generator))
             scores[start : start + len(batch)] = (value + probe.ball.first_order_gain(grad)).cpu().numpy()
             evaluations += 1
     seconds = time.perf_counter() - started
-    log.info("%s: vulnerability probe of %d tiles in %.1f s (%.3f s/tile)", label, len(scores), seconds, seconds / max(len(scores), 1))
+    log.info(
+        "%s: vulnerability probe of %d tiles in %.1f s (%.3f s/tile)",
+        label,
+        len(scores),
+        seconds,
+        seconds / max(len(scores), 1),
+    )
     return scores, evaluations
 
 

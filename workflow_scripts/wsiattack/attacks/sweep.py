@@ -41,13 +41,19 @@ _GRID_DEFAULTS = {"fractions": [0.001], "selections": ["random"]}
 def expand_sweep(sweep: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Named attack entries for every combination of the sweep's grid."""
     _check_shape(sweep)
-    grid = {key: list(sweep.get(key, _GRID_DEFAULTS.get(key, []))) for key in ("methods", "eps", "fractions", "selections")}
+    grid = {
+        key: list(sweep.get(key, _GRID_DEFAULTS.get(key, []))) for key in ("methods", "eps", "fractions", "selections")
+    }
     eps_values = [_pixel_fraction(value, where=f"sweep.eps[{i}]") for i, value in enumerate(grid["eps"])]
     entries: dict[str, dict[str, Any]] = {}
-    for method, (eps, spelled), fraction, selection in itertools.product(grid["methods"], zip(eps_values, grid["eps"]), grid["fractions"], grid["selections"]):
+    for method, (eps, spelled), fraction, selection in itertools.product(
+        grid["methods"], zip(eps_values, grid["eps"], strict=True), grid["fractions"], grid["selections"]
+    ):
         name = f"{sweep.get('prefix', '')}{method}_eps{_in_255ths(eps)}_f{format(fraction, 'g')}_{selection}"
         if name in entries:
-            raise ConfigError(f"config: sweep.eps: {spelled!r} gives the same name {name!r} as another eps value; list each bound once")
+            raise ConfigError(
+                f"config: sweep.eps: {spelled!r} gives the same name {name!r} as another eps value; list each bound once"
+            )
         entry = _entry(sweep, method=method, eps=eps, fraction=fraction, selection=selection)
         entries[name] = _check_entry(entry, where=f"sweep ({name})")
     return entries
@@ -79,7 +85,9 @@ def _check_shape(sweep: Mapping[str, Any]) -> None:
             raise ConfigError(f"config: sweep.fractions[{i}]: {fraction!r} must be a number in (0, 1]")
     for method in sweep.get("params", {}):
         if method not in sweep["methods"]:
-            raise ConfigError(f"config: sweep.params.{method}: not one of sweep.methods ({', '.join(sweep['methods'])})")
+            raise ConfigError(
+                f"config: sweep.params.{method}: not one of sweep.methods ({', '.join(sweep['methods'])})"
+            )
     base = sweep.get("base", {})
     _check_keys(base, allowed=_BASE_KEYS | METHOD_PARAMS, where="sweep.base")
     _check_keys(base.get("budget", {}), allowed={"min_tiles", "max_tiles", "fraction"}, where="sweep.base.budget")
@@ -89,14 +97,18 @@ def _check_shape(sweep: Mapping[str, Any]) -> None:
         if key in base:
             raise ConfigError(f"config: sweep.base.{key}: set by the grid; list the values in sweep.{grid_key} instead")
     if "fraction" in base.get("budget", {}):
-        raise ConfigError("config: sweep.base.budget.fraction: set by the grid; list the values in sweep.fractions instead")
+        raise ConfigError(
+            "config: sweep.base.budget.fraction: set by the grid; list the values in sweep.fractions instead"
+        )
 
 
 def _check_keys(mapping: Mapping[str, Any], *, allowed: set[str] | frozenset[str], where: str) -> None:
     """Unknown keys would otherwise ride along into every entry unnoticed."""
     unknown = sorted(set(mapping) - set(allowed) - set(_SET_BY_GRID))
     if unknown:
-        raise ConfigError(f"config: {where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed)) or 'none'})")
+        raise ConfigError(
+            f"config: {where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed)) or 'none'})"
+        )
 
 
 def _check_members(values: list[Any], *, allowed: Any, where: str) -> None:

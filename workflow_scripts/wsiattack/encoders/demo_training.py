@@ -1,6 +1,6 @@
 """Train the ``demo_trained`` encoder: a small ViT, supervised on synthetic tiles.
 
-    PYTHONPATH=workflow_scripts python -m wsiattack.encoders.demo_training --out demo_trained.safetensors [--seed 0]
+    python -m wsiattack.encoders.demo_training --out demo_trained.safetensors [--seed 0]
 
 Why supervised: it is deterministic, takes minutes on two CPU cores and needs no pretext-task
 tuning, and it gives what the benchmark needs from a foundation model: a network trained on
@@ -111,8 +111,12 @@ class TrainingResult:
 
 # --- tiles ----------------------------------------------------------------------------------------
 
-def render_tiles(*, seed: int, split: int, n_slides: int, tiles_per_slide: int, slide_px: int, threads: int = 1) -> TileSet:
+
+def render_tiles(
+    *, seed: int, split: int, n_slides: int, tiles_per_slide: int, slide_px: int, threads: int = 1
+) -> TileSet:
     """Tiles of ``n_slides`` slides of one split, two thirds of the slides with tumour."""
+
     def one(i: int) -> TileSet:
         return _slide_tiles(seed=seed, split=split, index=i, n_tiles=tiles_per_slide, slide_px=slide_px)
 
@@ -125,8 +129,13 @@ def _slide_tiles(*, seed: int, split: int, index: int, n_tiles: int, slide_px: i
     key = (seed, ENCODER_TRAINING_STREAM, split, index)
     pick = np.random.default_rng((*key, 1))
     tumor = index % 3 != 0
-    slide = render_slide_with_masks(rng=np.random.default_rng((*key, 0)), width_px=slide_px, height_px=slide_px,
-                                    tumor=tumor, tumor_share=float(pick.uniform(0.1, 0.35)))
+    slide = render_slide_with_masks(
+        rng=np.random.default_rng((*key, 0)),
+        width_px=slide_px,
+        height_px=slide_px,
+        tumor=tumor,
+        tumor_share=float(pick.uniform(0.1, 0.35)),
+    )
     # Centres: on tumour (tumour slides), on tissue, or anywhere (background and edges).
     candidates = [np.flatnonzero(slide.tumor), np.flatnonzero(slide.tissue), np.arange(slide.tissue.size)]
     weights = [0.45, 0.4, 0.15] if tumor else [0.0, 0.8, 0.2]
@@ -167,6 +176,7 @@ def unit_pixels(tiles: np.ndarray) -> torch.Tensor:
 
 # --- training -------------------------------------------------------------------------------------
 
+
 def train(config: TrainingConfig) -> TrainingResult:
     """Train the backbone (its heads are discarded); deterministic for a seed and thread count."""
     threads = torch.get_num_threads()
@@ -181,7 +191,12 @@ def _train(config: TrainingConfig) -> TrainingResult:
     tiles = dict(tiles_per_slide=config.tiles_per_slide, slide_px=config.slide_px, threads=config.threads)
     train_set = render_tiles(seed=config.seed, split=TRAIN_SPLIT, n_slides=config.n_slides, **tiles)
     held_out = render_tiles(seed=config.seed, split=HELD_OUT_SPLIT, n_slides=config.n_held_out_slides, **tiles)
-    log.info("%d training tiles (%s), %d held-out", len(train_set.labels), _class_counts(train_set.labels), len(held_out.labels))
+    log.info(
+        "%d training tiles (%s), %d held-out",
+        len(train_set.labels),
+        _class_counts(train_set.labels),
+        len(held_out.labels),
+    )
     encoder, heads = _fresh_model(config)
     loss = _optimise(encoder, heads, train_set, config)
     accuracy, tumor_accuracy = held_out_accuracy(encoder, heads, held_out)
@@ -213,8 +228,13 @@ def _optimise(encoder: TileEncoder, heads: TrainingHeads, data: TileSet, config:
             group["lr"] = config.lr * _lr_factor(step, warmup=config.warmup_steps, total=config.steps)
         pixels = unit_pixels(data.pixels[index])
         embedding = encoder(torch.cat([augment(pixels, rng), augment(pixels, rng)]))
-        loss = _loss(embedding, heads, labels=torch.from_numpy(data.labels[index]),
-                     tumor_fraction=torch.from_numpy(data.tumor_fraction[index]), config=config)
+        loss = _loss(
+            embedding,
+            heads,
+            labels=torch.from_numpy(data.labels[index]),
+            tumor_fraction=torch.from_numpy(data.tumor_fraction[index]),
+            config=config,
+        )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
@@ -238,12 +258,21 @@ def _lr_factor(step: int, *, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def _loss(embedding: torch.Tensor, heads: TrainingHeads, *, labels: torch.Tensor, tumor_fraction: torch.Tensor, config: TrainingConfig) -> torch.Tensor:
+def _loss(
+    embedding: torch.Tensor,
+    heads: TrainingHeads,
+    *,
+    labels: torch.Tensor,
+    tumor_fraction: torch.Tensor,
+    config: TrainingConfig,
+) -> torch.Tensor:
     """Class cross-entropy + tumour-fraction BCE on both views + the views' contrastive loss."""
     n = len(CLASSES)
     out = heads.classify(embedding)
     labels, tumor_fraction = labels.repeat(2), tumor_fraction.repeat(2)
-    supervised = F.cross_entropy(out[:, :n], labels) + config.tumor_fraction_weight * F.binary_cross_entropy_with_logits(out[:, n], tumor_fraction)
+    supervised = F.cross_entropy(
+        out[:, :n], labels
+    ) + config.tumor_fraction_weight * F.binary_cross_entropy_with_logits(out[:, n], tumor_fraction)
     return supervised + config.contrastive_weight * _nt_xent(heads.project(embedding), temperature=config.temperature)
 
 
@@ -257,14 +286,18 @@ def _nt_xent(z: torch.Tensor, *, temperature: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def held_out_accuracy(encoder: TileEncoder, heads: TrainingHeads, data: TileSet, *, batch_size: int = 64) -> tuple[float, float]:
+def held_out_accuracy(
+    encoder: TileEncoder, heads: TrainingHeads, data: TileSet, *, batch_size: int = 64
+) -> tuple[float, float]:
     """Three-class accuracy, and tumour-vs-normal accuracy on the tissue tiles."""
     encoder.eval()
     heads.eval()
-    predicted = np.concatenate([
-        heads.classify(encoder(unit_pixels(data.pixels[i : i + batch_size])))[:, : len(CLASSES)].argmax(1).numpy()
-        for i in range(0, len(data.labels), batch_size)
-    ])
+    predicted = np.concatenate(
+        [
+            heads.classify(encoder(unit_pixels(data.pixels[i : i + batch_size])))[:, : len(CLASSES)].argmax(1).numpy()
+            for i in range(0, len(data.labels), batch_size)
+        ]
+    )
     tissue = data.labels > 0
     return float((predicted == data.labels).mean()), float((predicted[tissue] == data.labels[tissue]).mean())
 
@@ -275,15 +308,25 @@ def _class_counts(labels: np.ndarray) -> str:
 
 # --- checkpoint -----------------------------------------------------------------------------------
 
+
 def save_checkpoint(result: TrainingResult, *, config: TrainingConfig, path: Path, command: str) -> None:
     """The backbone's float32 state dict (the training heads are not kept) with the training record as metadata."""
     spec = get_spec(ENCODER)
     metadata = {
-        "encoder": ENCODER, "architecture": spec.architecture, "build_kwargs": json.dumps(dict(spec.build_kwargs), sort_keys=True),
-        "training": json.dumps(asdict(config), sort_keys=True), "seed": str(config.seed), "steps": str(config.steps),
-        "n_train_tiles": str(result.n_train_tiles), "held_out_accuracy": f"{result.held_out_accuracy:.4f}",
-        "held_out_tumor_accuracy": f"{result.held_out_tumor_accuracy:.4f}", "final_loss": f"{result.final_loss:.4f}",
-        "classes": ",".join(CLASSES), "torch": torch.__version__, "timm": timm.__version__, "command": command,
+        "encoder": ENCODER,
+        "architecture": spec.architecture,
+        "build_kwargs": json.dumps(dict(spec.build_kwargs), sort_keys=True),
+        "training": json.dumps(asdict(config), sort_keys=True),
+        "seed": str(config.seed),
+        "steps": str(config.steps),
+        "n_train_tiles": str(result.n_train_tiles),
+        "held_out_accuracy": f"{result.held_out_accuracy:.4f}",
+        "held_out_tumor_accuracy": f"{result.held_out_tumor_accuracy:.4f}",
+        "final_loss": f"{result.final_loss:.4f}",
+        "classes": ",".join(CLASSES),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "command": command,
         # Kernels (hence the last bits, which training amplifies) follow the CPU's vector capability.
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
@@ -297,15 +340,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     parser.add_argument("--seed", type=int, default=TrainingConfig.seed)
     parser.add_argument("--steps", type=int, default=TrainingConfig.steps)
-    parser.add_argument("--threads", type=int, default=TrainingConfig.threads, help="torch threads (results depend on it)")
+    parser.add_argument(
+        "--threads", type=int, default=TrainingConfig.threads, help="torch threads (results depend on it)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = TrainingConfig(seed=args.seed, steps=args.steps, threads=args.threads)
     started = time.perf_counter()
     result = train(config)
     # The file name only: the same seed gives the same bytes wherever the file is written.
-    command = shlex.join(["python", "-m", MODULE, "--out", args.out.name,
-                          "--seed", str(args.seed), "--steps", str(args.steps), "--threads", str(args.threads)])
+    command = shlex.join(
+        [
+            "python",
+            "-m",
+            MODULE,
+            "--out",
+            args.out.name,
+            "--seed",
+            str(args.seed),
+            "--steps",
+            str(args.steps),
+            "--threads",
+            str(args.threads),
+        ]
+    )
     save_checkpoint(result, config=config, path=args.out, command=command)
     log.info("wrote %s in %.0f s", args.out, time.perf_counter() - started)
 

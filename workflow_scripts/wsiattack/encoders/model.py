@@ -59,11 +59,20 @@ class TileEncoder(nn.Module):
         """Identity recorded in every features store (never holds a token)."""
         s = self.spec
         return {
-            "encoder": s.name, "architecture": s.architecture, "loader": s.loader,
-            "weights_id": self.weights_id, "weights_source": self.weights_source,
-            "build_kwargs": dict(s.build_kwargs), "input_px": s.input_px, "resize_px": s.resize_px, "interpolation": s.interpolation,
-            "mean": list(s.mean), "std": list(s.std), "readout": s.readout,
-            "embed_dim": s.embed_dim, "precision": s.precision,
+            "encoder": s.name,
+            "architecture": s.architecture,
+            "loader": s.loader,
+            "weights_id": self.weights_id,
+            "weights_source": self.weights_source,
+            "build_kwargs": dict(s.build_kwargs),
+            "input_px": s.input_px,
+            "resize_px": s.resize_px,
+            "interpolation": s.interpolation,
+            "mean": list(s.mean),
+            "std": list(s.std),
+            "readout": s.readout,
+            "embed_dim": s.embed_dim,
+            "precision": s.precision,
         }
 
 
@@ -88,7 +97,13 @@ def warn_on_rescaled_tiles(spec: EncoderSpec, *, tile_px: int, label: str) -> bo
     log.warning(
         "%s: encoder %r takes %d px input but the tiles are %d px: they are resized by %.2fx, so the model sees "
         "them at %.2fx the tiling's magnification; set tiling.tile_px to %d (keeping target_mpp) to feed it native pixels",
-        label, spec.name, size, tile_px, size / tile_px, size / tile_px, size,
+        label,
+        spec.name,
+        size,
+        tile_px,
+        size / tile_px,
+        size / tile_px,
+        size,
     )
     return True
 
@@ -161,30 +176,48 @@ def _factory_architecture(spec: EncoderSpec) -> nn.Module:
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise EncoderError(f"{where}: cannot import {module_name!r} ({error}); install it or add it to PYTHONPATH") from error
+        raise EncoderError(
+            f"{where}: cannot import {module_name!r} ({error}); install it or add it to PYTHONPATH"
+        ) from error
     factory = getattr(module, function_name, None)
     if not callable(factory):
         raise EncoderError(f"{where}: module {module_name!r} has no function {function_name!r}")
     model = factory(**spec.build_kwargs)
     if not isinstance(model, nn.Module):
-        raise EncoderError(f"{where}: {spec.architecture}(**kwargs) returned {type(model).__name__}, not a torch.nn.Module")
+        raise EncoderError(
+            f"{where}: {spec.architecture}(**kwargs) returned {type(model).__name__}, not a torch.nn.Module"
+        )
     _check_readout_support(spec, model)
     return model
 
 
 def _check_readout_support(spec: EncoderSpec, model: nn.Module) -> None:
-    needs = {"cls": ("forward_features",), "cls+mean": ("forward_features",), "pooled": ("forward_features", "forward_head")}
+    needs = {
+        "cls": ("forward_features",),
+        "cls+mean": ("forward_features",),
+        "pooled": ("forward_features", "forward_head"),
+    }
     lacking = [m for m in needs.get(spec.readout, ()) if not callable(getattr(model, m, None))]
     if lacking:
-        raise EncoderError(f"custom encoder {spec.name!r}: readout {spec.readout!r} needs the module to have {lacking[0]}() (timm style); use readout 'output' if forward(x) already returns (B, D)")
+        raise EncoderError(
+            f"custom encoder {spec.name!r}: readout {spec.readout!r} needs the module to have {lacking[0]}() (timm style); use readout 'output' if forward(x) already returns (B, D)"
+        )
 
 
-_BUILDERS = {"timm": _timm_architecture, "transformers": _transformers_architecture, "trident": _trident_architecture, "factory": _factory_architecture}
+_BUILDERS = {
+    "timm": _timm_architecture,
+    "transformers": _transformers_architecture,
+    "trident": _trident_architecture,
+    "factory": _factory_architecture,
+}
 
 
 # --- weights -------------------------------------------------------------------------------------
 
-def build_encoder(name: str, *, checkpoint: str | None = None, custom: EncoderSpec | Mapping[str, Any] | None = None) -> TileEncoder:
+
+def build_encoder(
+    name: str, *, checkpoint: str | None = None, custom: EncoderSpec | Mapping[str, Any] | None = None
+) -> TileEncoder:
     """Build an encoder on the CPU in eval mode with frozen float32 parameters.
 
     ``checkpoint``: local weights (a .safetensors/.bin/.pth file or a folder holding one), used
@@ -234,7 +267,7 @@ def _seeded_architecture(spec: EncoderSpec) -> nn.Module:
         torch.manual_seed(spec.seed)
         model = build_architecture(spec)
     with torch.no_grad():
-        for i, (name, tensor) in enumerate(sorted(model.state_dict().items())):
+        for i, (_name, tensor) in enumerate(sorted(model.state_dict().items())):
             if not tensor.is_floating_point() or tensor.numel() < 2:
                 continue
             values = tensor.double()
@@ -269,7 +302,9 @@ def _trident_pretrained(spec: EncoderSpec, path: Path, *, source: str) -> nn.Mod
     try:
         model, _ = create_model_from_pretrained(checkpoint_path=str(path), img_size=spec.input_px)
     except (RuntimeError, KeyError, ValueError) as error:
-        raise EncoderError(f"encoder {spec.name!r}: checkpoint {source} does not load into {spec.architecture} ({str(error)[:200]}); use {registry.HUB_URL}/{spec.hub_repo}'s pytorch_model_vision.bin") from error
+        raise EncoderError(
+            f"encoder {spec.name!r}: checkpoint {source} does not load into {spec.architecture} ({str(error)[:200]}); use {registry.HUB_URL}/{spec.hub_repo}'s pytorch_model_vision.bin"
+        ) from error
     return model
 
 
@@ -279,6 +314,7 @@ def _weights_module(backbone: nn.Module) -> nn.Module:
 
 
 # --- extraction loop -----------------------------------------------------------------------------
+
 
 def channels_first(tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W, 3) as stored -> uint8 (B, 3, H, W) as torch models take it."""
@@ -354,11 +390,15 @@ def embed_tiles(encoder: TileEncoder, tiles, *, batch_size: int, device: torch.d
 def _check_batch(embedding: torch.Tensor, *, encoder: TileEncoder, start: int, label: str) -> None:
     spec = encoder.spec
     if embedding.shape[1:] != (spec.embed_dim,):
-        raise EncoderError(f"{label}: encoder {spec.name!r} returned embeddings of shape {tuple(embedding.shape)} but its spec says embed_dim {spec.embed_dim}; fix embed_dim or the readout")
+        raise EncoderError(
+            f"{label}: encoder {spec.name!r} returned embeddings of shape {tuple(embedding.shape)} but its spec says embed_dim {spec.embed_dim}; fix embed_dim or the readout"
+        )
     bad = ~torch.isfinite(embedding).all(dim=1)
     if bad.any():
         first = start + int(torch.nonzero(bad)[0])
-        raise EncoderError(f"{label}: non-finite embedding for tile {first} with encoder {spec.name!r} ({spec.precision})")
+        raise EncoderError(
+            f"{label}: non-finite embedding for tile {first} with encoder {spec.name!r} ({spec.precision})"
+        )
 
 
 class _Progress:

@@ -47,11 +47,17 @@ def resolve_checkpoint(path: str | Path, *, spec: EncoderSpec) -> Path:
         for name in names:
             if (path / name).is_file():
                 return path / name
-        raise EncoderError(f"encoder {spec.name!r}: checkpoint folder {path} holds none of {', '.join(names)}; point encoder_weights.{spec.name} at the weights file")
+        raise EncoderError(
+            f"encoder {spec.name!r}: checkpoint folder {path} holds none of {', '.join(names)}; point encoder_weights.{spec.name} at the weights file"
+        )
     if not path.is_file():
-        raise EncoderError(f"encoder {spec.name!r}: checkpoint {path} does not exist; fix encoder_weights.{spec.name} or remove it to use the published weights")
+        raise EncoderError(
+            f"encoder {spec.name!r}: checkpoint {path} does not exist; fix encoder_weights.{spec.name} or remove it to use the published weights"
+        )
     if path.suffix not in CHECKPOINT_SUFFIXES:
-        raise EncoderError(f"encoder {spec.name!r}: checkpoint {path} is not a {'/'.join(CHECKPOINT_SUFFIXES)} file; save the state dict with safetensors (preferred) or torch.save")
+        raise EncoderError(
+            f"encoder {spec.name!r}: checkpoint {path} is not a {'/'.join(CHECKPOINT_SUFFIXES)} file; save the state dict with safetensors (preferred) or torch.save"
+        )
     return path
 
 
@@ -66,7 +72,9 @@ def read_state_dict(path: Path, *, encoder: str) -> StateDict:
             f"({first}); re-save it with safetensors or torch.save(model.state_dict())"
         ) from None
     except Exception as error:  # truncated file, foreign format, ...
-        raise EncoderError(f"encoder {encoder!r}: cannot read checkpoint {path} ({type(error).__name__}: {str(error)[:200]}); check that the file is complete") from error
+        raise EncoderError(
+            f"encoder {encoder!r}: cannot read checkpoint {path} ({type(error).__name__}: {str(error)[:200]}); check that the file is complete"
+        ) from error
     return _unwrap(state, path=path, encoder=encoder)
 
 
@@ -87,7 +95,9 @@ def _unwrap(state: object, *, path: Path, encoder: str) -> StateDict:
                 state = state[key]
                 break
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EncoderError(f"encoder {encoder!r}: {path} does not hold a state dict of tensors; save model.state_dict()")
+        raise EncoderError(
+            f"encoder {encoder!r}: {path} does not hold a state dict of tensors; save model.state_dict()"
+        )
     if all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return dict(state)
@@ -102,15 +112,23 @@ def match_state_dict(model: nn.Module, state: StateDict, *, spec: EncoderSpec, s
     unexpected = [k for k in state if k not in expected]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or wrong:
-        raise EncoderError(f"encoder {spec.name!r}: checkpoint {source} does not match the architecture {spec.architecture}: " + _mismatch(missing, unexpected, wrong, state, expected) + f"; use the weights published for this encoder ({_published(spec)}) or {_set_path_hint(spec)} to matching weights")
+        raise EncoderError(
+            f"encoder {spec.name!r}: checkpoint {source} does not match the architecture {spec.architecture}: "
+            + _mismatch(missing, unexpected, wrong, state, expected)
+            + f"; use the weights published for this encoder ({_published(spec)}) or {_set_path_hint(spec)} to matching weights"
+        )
     return state
 
 
-def _mismatch(missing: list[str], unexpected: list[str], wrong: list[str], state: StateDict, expected: StateDict) -> str:
+def _mismatch(
+    missing: list[str], unexpected: list[str], wrong: list[str], state: StateDict, expected: StateDict
+) -> str:
     parts = []
     if wrong:
         k = wrong[0]
-        parts.append(f"{len(wrong)} shape mismatch(es) (e.g. {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})")
+        parts.append(
+            f"{len(wrong)} shape mismatch(es) (e.g. {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)})"
+        )
     if missing:
         parts.append(f"{len(missing)} missing key(s) (e.g. {missing[0]})")
     if unexpected:
@@ -130,7 +148,9 @@ def fetch_hub_weights(spec: EncoderSpec) -> Path:
         path = _download(spec, filename, token=token)
         if path is not None:
             return path
-    raise EncoderError(f"encoder {spec.name!r}: none of {', '.join(spec.hub_files)} is in {HUB_URL}/{spec.hub_repo}; {_set_path_hint(spec)}")
+    raise EncoderError(
+        f"encoder {spec.name!r}: none of {', '.join(spec.hub_files)} is in {HUB_URL}/{spec.hub_repo}; {_set_path_hint(spec)}"
+    )
 
 
 def _download(spec: EncoderSpec, filename: str, *, token: str | None) -> Path | None:
@@ -147,13 +167,19 @@ def _download(spec: EncoderSpec, filename: str, *, token: str | None) -> Path | 
     except RepositoryNotFoundError:  # what the hub answers for a gated repo without a token, too
         if spec.gated:
             raise EncoderError(access_message(spec)) from None
-        raise EncoderError(f"encoder {spec.name!r}: no repository {HUB_URL}/{spec.hub_repo}; {_set_path_hint(spec)}") from None
+        raise EncoderError(
+            f"encoder {spec.name!r}: no repository {HUB_URL}/{spec.hub_repo}; {_set_path_hint(spec)}"
+        ) from None
     except RemoteEntryNotFoundError:
         return None
     except LocalEntryNotFoundError:
-        raise EncoderError(f"encoder {spec.name!r}: cannot reach the Hugging Face Hub to download {where} and it is not in the local cache; connect to the network or {_set_path_hint(spec)}") from None
+        raise EncoderError(
+            f"encoder {spec.name!r}: cannot reach the Hugging Face Hub to download {where} and it is not in the local cache; connect to the network or {_set_path_hint(spec)}"
+        ) from None
     except (HfHubHTTPError, OSError) as error:
-        raise EncoderError(f"encoder {spec.name!r}: downloading {where} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); retry or {_set_path_hint(spec)}") from error
+        raise EncoderError(
+            f"encoder {spec.name!r}: downloading {where} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); retry or {_set_path_hint(spec)}"
+        ) from error
 
 
 def state_dict_sha256(module: nn.Module) -> str:

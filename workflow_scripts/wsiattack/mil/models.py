@@ -162,8 +162,13 @@ class CLAMSB(MILModel):
         k_sample: int = 8,
         bag_weight: float = 0.7,
     ) -> None:
-        hparams = {"hidden_dim": hidden_dim, "attention_dim": attention_dim, "dropout": dropout,
-                   "k_sample": k_sample, "bag_weight": bag_weight}
+        hparams = {
+            "hidden_dim": hidden_dim,
+            "attention_dim": attention_dim,
+            "dropout": dropout,
+            "k_sample": k_sample,
+            "bag_weight": bag_weight,
+        }
         super().__init__(in_dim=in_dim, n_classes=n_classes, hparams=hparams)
         if not 0.0 <= bag_weight <= 1.0:
             raise ValueError(f"CLAMSB bag_weight must be in [0, 1], got {bag_weight}")
@@ -212,7 +217,9 @@ class DSMIL(MILModel):
         super().__init__(in_dim=in_dim, n_classes=n_classes, hparams=hparams)
         self.embed = _embedding(in_dim, hidden_dim, dropout)
         self.instance_classifier = nn.Linear(hidden_dim, n_classes)
-        self.query = nn.Sequential(nn.Linear(hidden_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh())
+        self.query = nn.Sequential(
+            nn.Linear(hidden_dim, query_dim), nn.ReLU(), nn.Linear(query_dim, query_dim), nn.Tanh()
+        )
         self.value = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
         self.bag_classifier = nn.Conv1d(n_classes, n_classes, kernel_size=hidden_dim)
 
@@ -326,7 +333,9 @@ class TransMIL(MILModel):
     def __init__(
         self, *, in_dim: int, n_classes: int, hidden_dim: int = 128, heads: int = 4, dropout: float = 0.1
     ) -> None:
-        super().__init__(in_dim=in_dim, n_classes=n_classes, hparams={"hidden_dim": hidden_dim, "heads": heads, "dropout": dropout})
+        super().__init__(
+            in_dim=in_dim, n_classes=n_classes, hparams={"hidden_dim": hidden_dim, "heads": heads, "dropout": dropout}
+        )
         landmarks = max(1, hidden_dim // 2)  # the paper's choice (256 for 512-d)
         self.embed = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU())
         self.cls_token = nn.Parameter(torch.zeros(1, hidden_dim))

@@ -77,7 +77,9 @@ def inner_validation(train: pd.DataFrame, *, fraction: float, seed: int) -> pd.S
     try:
         _check_enough_groups(labels=train["label"], groups=groups, folds=n_splits)
     except ValueError as error:
-        raise ValueError(f"inner validation split (val_fraction={fraction}): {error}; lower val_fraction or set it to 0") from None
+        raise ValueError(
+            f"inner validation split (val_fraction={fraction}): {error}; lower val_fraction or set it to 0"
+        ) from None
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     _, val_rows = next(splitter.split(np.zeros(len(train)), train["label"].to_numpy(), groups.to_numpy()))
     mask = np.zeros(len(train), dtype=bool)

@@ -92,24 +92,37 @@ def train_mil(
         best_epoch, best_loss, best_state = 0, math.inf, None
         for epoch in range(1, spec.epochs + 1):
             order = torch.randperm(len(bags), generator=order_generator)
-            train_loss = _train_epoch(model=model, optimizer=optimizer, bags=bags, targets=targets,
-                                      class_weights=class_weights, order=order)
+            train_loss = _train_epoch(
+                model=model, optimizer=optimizer, bags=bags, targets=targets, class_weights=class_weights, order=order
+            )
             val_loss = _mean_loss(model, validation, val_targets, class_weights=class_weights) if validation else None
             if epoch == 1 or epoch % LOG_EVERY_EPOCHS == 0 or epoch == spec.epochs:
                 shown = "" if val_loss is None else f", validation {val_loss:.4f}"
-                logger.info("%s epoch %d/%d: mean weighted loss %.4f%s", spec.model, epoch, spec.epochs, train_loss, shown)
+                logger.info(
+                    "%s epoch %d/%d: mean weighted loss %.4f%s", spec.model, epoch, spec.epochs, train_loss, shown
+                )
             if val_loss is None:
                 best_epoch = epoch
             elif val_loss < best_loss:
                 best_epoch, best_loss = epoch, val_loss
                 best_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
             elif epoch - best_epoch >= spec.patience:
-                logger.info("%s: stopped after epoch %d, keeping epoch %d (validation %.4f)", spec.model, epoch, best_epoch, best_loss)
+                logger.info(
+                    "%s: stopped after epoch %d, keeping epoch %d (validation %.4f)",
+                    spec.model,
+                    epoch,
+                    best_epoch,
+                    best_loss,
+                )
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    return MILTrainingResult(model=model.eval(), epochs_run=epoch, best_epoch=best_epoch,
-                             best_val_loss=None if best_state is None else best_loss)
+    return MILTrainingResult(
+        model=model.eval(),
+        epochs_run=epoch,
+        best_epoch=best_epoch,
+        best_val_loss=None if best_state is None else best_loss,
+    )
 
 
 def _train_epoch(
@@ -136,8 +149,10 @@ def _mean_loss(model: MILModel, bags: list[Tensor], targets: Tensor, *, class_we
     """Mean weighted slide cross-entropy in eval mode (the early-stopping criterion)."""
     model.eval()
     with torch.inference_mode():
-        losses = [slide_cross_entropy(model(bag)[0], targets[i : i + 1], class_weights=class_weights).item()
-                  for i, bag in enumerate(bags)]
+        losses = [
+            slide_cross_entropy(model(bag)[0], targets[i : i + 1], class_weights=class_weights).item()
+            for i, bag in enumerate(bags)
+        ]
     return float(np.mean(losses))
 
 
