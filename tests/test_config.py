@@ -26,14 +26,20 @@ def test_shipped_config_validates_and_fills_defaults(shipped):
 
 
 # Test configs given after config.yaml on the command line (the factor grid, the heads study).
-OVERLAYS = {"factor_grid.yaml", "heads_study.yaml"}
+# overlay file -> the config it is given after (Snakemake merges --configfile files key by key)
+OVERLAYS = {
+    "factor_grid.yaml": "config.yaml",
+    "heads_study.yaml": "config.yaml",
+    "positive_control_dose.yaml": "config.yaml",
+    "positive_control_tiny.yaml": "tests/configs/tiny.yaml",
+}
 
 
-def overlaid_on_default(overlay: dict) -> dict:
-    """config.yaml with ``overlay`` merged onto it key by key, as Snakemake merges --configfile."""
+def overlaid_on_default(overlay: dict, *, base: str = "config.yaml") -> dict:
+    """``base`` with ``overlay`` merged onto it key by key, as Snakemake merges --configfile."""
     from snakemake.utils import update_config
 
-    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    config = yaml.safe_load((ROOT / base).read_text())
     update_config(config, overlay)
     return config
 
@@ -43,14 +49,15 @@ def test_test_configs_validate():
     assert {p.name for p in paths} >= {"tiny.yaml", *OVERLAYS}
     for path in paths:
         config = yaml.safe_load(path.read_text())
-        wsiconfig.validate_config(overlaid_on_default(config) if path.name in OVERLAYS else config)
+        base = OVERLAYS.get(path.name)
+        wsiconfig.validate_config(overlaid_on_default(config, base=base) if base else config)
 
 
 def test_factor_grid_overlays_the_default_with_48_attacks():
     """Given after config.yaml (make grid), Snakemake merges it key by key onto the default."""
     config = overlaid_on_default(yaml.safe_load((ROOT / "tests" / "configs" / "factor_grid.yaml").read_text()))
     attacks = wsiconfig.validate_config(config)["attacks"]
-    assert len(attacks) == 5 + 6 * 4 * 2 and {"pgd_eps4", "noise_eps4", "null_control", "cw_eps8_f0.01_random"} <= set(
+    assert len(attacks) == 6 + 6 * 4 * 2 and {"pgd_eps4", "noise_eps4", "null_control", "cw_eps8_f0.01_random"} <= set(
         attacks
     )
     assert (
@@ -225,7 +232,10 @@ def test_the_oracle_objective_is_used_only_when_asked_for(shipped):
     checked = wsiconfig.validate_config(shipped)
     # The default attacks stay label-free; only the positive control uses the gray-box oracle.
     objectives = {name: entry["objective"] for name, entry in checked["attacks"].items()}
-    assert {name for name, objective in objectives.items() if objective != "cosine"} == {"positive_control"}
+    assert {name for name, objective in objectives.items() if objective != "cosine"} == {
+        "positive_control",
+        "positive_control_eps16",
+    }
     oracle = wsiconfig.validate_config(with_attack(shipped, objective="mil_cross_entropy"))["attacks"]["gray"]
     assert oracle["objective"] == "mil_cross_entropy" and oracle["mil"] == "abmil"
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from wsiattack.atomic import atomic_file
 from wsiattack.attacks.params import attack_norm
 from wsiattack.attacks.sweep import expand_sweep
 from wsiattack.errors import ConfigError
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> str:
     sweep = yaml.safe_load(args.sweep.read_text())["sweep"]
     cells = grid_cells(pd.read_csv(args.summary), sweep)
     if args.csv:
-        cells.to_csv(args.csv, index=False)
+        with atomic_file(args.csv) as tmp:
+            cells.to_csv(tmp, index=False)
     text = markdown_tables(cells, methods=list(sweep["methods"]))
     print(text)
     return text

@@ -26,8 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,8 @@ import pandas as pd
 import scipy.fft
 import tifffile
 from scipy import ndimage
+
+from wsiattack.atomic import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -555,20 +556,6 @@ def _downsample(image: np.ndarray, factor: int) -> np.ndarray:
     return ((total + n // 2) // n).astype(np.uint8)
 
 
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write`` on a temporary sibling of ``path`` and rename it into place on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "xb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_pyramidal_tiff(
     path: Path,
     image: np.ndarray,
@@ -623,7 +610,8 @@ def write_pyramidal_tiff(
                     datetime=None,  # no DateTime tag: byte-identical reruns
                 )
 
-    _atomic_write(Path(path), write)
+    with atomic_file(path) as tmp, open(tmp, "xb") as fh:
+        write(fh)
 
 
 def _balanced_labels(n_slides: int, seed: int) -> np.ndarray:
@@ -693,10 +681,8 @@ def write_demo_cohort(
         write_pyramidal_tiff(path, rendered.image, mpp=mpp)
         if masks_dir is not None:
             f = _LOWRES_FACTOR
-            _atomic_write(
-                Path(masks_dir) / f"{slide_id}.npz",
-                lambda fh: np.savez_compressed(fh, tumor=rendered.tumor[::f, ::f], downsample=np.int64(f)),
-            )
+            with atomic_file(Path(masks_dir) / f"{slide_id}.npz") as tmp, open(tmp, "xb") as fh:
+                np.savez_compressed(fh, tumor=rendered.tumor[::f, ::f], downsample=np.int64(f))
         logger.info(
             "wrote %s (%s, tumour share %.4f, %dx%d px, %.3f mpp)",
             path,
@@ -716,8 +702,6 @@ def write_demo_cohort(
 
     sheet = pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
 
-    def write_csv(fh: BinaryIO) -> None:
+    with atomic_file(samples_csv) as tmp, open(tmp, "xb") as fh:
         fh.write(sheet.to_csv(index=False, lineterminator="\n").encode("utf-8"))
-
-    _atomic_write(samples_csv, write_csv)
     return sheet

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from wsiattack.atomic import atomic_file
 from wsiattack.encoders.model import TileEncoder, build_architecture
 from wsiattack.encoders.registry import get_spec
 from wsiattack.synthetic import ENCODER_TRAINING_STREAM, render_slide_with_masks
@@ -331,8 +332,8 @@ def save_checkpoint(result: TrainingResult, *, config: TrainingConfig, path: Pat
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
     state = {k: v.detach().float().contiguous() for k, v in result.backbone.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=metadata)
+    with atomic_file(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def main(argv: list[str] | None = None) -> None:

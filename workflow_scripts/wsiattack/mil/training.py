@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from wsiattack.atomic import atomic_file
 from wsiattack.mil.models import MILModel, build_mil_model, mil_model_name, slide_cross_entropy
 
 logger = logging.getLogger(__name__)
@@ -221,16 +220,8 @@ def save_mil_checkpoint(path: Path, *, model: nn.Module, meta: Mapping[str, Any]
         raise ValueError(f"meta contradicts the model on {contradicting}: the model has {found}")
     metadata = {**meta, **recorded}
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory so os.replace is an atomic rename; a unique name (not mkstemp, which would
-    # leave the checkpoint readable by its owner only) so concurrent writers do not collide.
-    temp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, temp_path, metadata={CHECKPOINT_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp, metadata={CHECKPOINT_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
 
 def load_mil_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
