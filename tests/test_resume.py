@@ -1,6 +1,6 @@
-"""Fault tolerance: kill the tiny run (SIGKILL, the whole process group) in the middle of the
-attack stage (jobs mid-shard), resume, and check that it finishes, nothing is corrupt and nothing
-finished is redone.
+"""Fault tolerance: kill the tiny run (SIGKILL, the whole process group) in the middle of a stage
+(the demo cohort being written, MIL heads being trained, attack jobs mid-shard), resume, and check
+that it finishes, nothing is corrupt, nothing finished is redone and no temporary debris is left.
 
 Slow tier.
 """
@@ -50,18 +50,43 @@ def finished_attack_stores(workdir: Path) -> list[Path]:
     return sorted((workdir / "results" / "attacks").glob("*/demo_trained/shard-*"))
 
 
-def run_until_attack_is_half_done(workdir: Path, *, timeout_s: float = 600) -> None:
+def attack_is_half_done(workdir: Path) -> bool:
+    return len(finished_attack_stores(workdir)) >= 2
+
+
+def demo_cohort_is_being_written(workdir: Path) -> bool:
+    """A slide (or its temporary file) is on disk and the sample sheet, written last, is not."""
+    demo = workdir / "results" / "demo"
+    return (demo / "slides").is_dir() and any((demo / "slides").iterdir()) and not (demo / "samples.csv").exists()
+
+
+def mil_training_has_started(workdir: Path) -> bool:
+    """A train_mil job is running (its log exists) and not every fold's head is written yet."""
+    results = workdir / "results"
+    started = list((results / "logs" / "train_mil").glob("*.log")) if (results / "logs" / "train_mil").is_dir() else []
+    return bool(started) and len(list(results.glob("mil/*/*/fold*/model.safetensors"))) < 2
+
+
+KILL_POINTS = {
+    "demo_cohort": demo_cohort_is_being_written,
+    "train_mil": mil_training_has_started,
+    "attack": attack_is_half_done,
+}
+
+
+def run_until(workdir: Path, reached, *, timeout_s: float = 600) -> None:
+    """Run the workflow and SIGKILL it (the scheduler and every running job, at once) once ``reached``."""
     process = subprocess.Popen(
         snakemake_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.monotonic() + timeout_s
     try:
-        while len(finished_attack_stores(workdir)) < 2:
-            assert process.poll() is None, "the run ended before the attack stage could be interrupted"
-            assert time.monotonic() < deadline, "attack stage not reached in time"
-            time.sleep(0.1)
+        while not reached(workdir):
+            assert process.poll() is None, f"the run ended before it could be interrupted at {reached.__name__}"
+            assert time.monotonic() < deadline, f"{reached.__name__} not reached in time"
+            time.sleep(0.01)
     finally:
-        os.killpg(process.pid, signal.SIGKILL)  # the scheduler and every running job, at once
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 
@@ -90,16 +115,17 @@ def output_mtimes(workdir: Path) -> dict[Path, int]:
     return found
 
 
-def test_killed_during_attack_resumes_without_redoing_or_corrupting(tmp_path):
+@pytest.mark.parametrize("stage", list(KILL_POINTS))
+def test_killed_mid_stage_resumes_without_redoing_or_corrupting(tmp_path, stage):
     workdir = tmp_path / "run"
     workdir.mkdir()
     write_small_tiny_config(workdir / "config.yaml", n_slides=N_SLIDES, attacks=ATTACKS)
 
-    run_until_attack_is_half_done(workdir)
+    run_until(workdir, KILL_POINTS[stage])
     incomplete = marked_incomplete(workdir)  # redone on resume (the profile sets rerun-incomplete)
     done_before = {path: mtime for path, mtime in output_mtimes(workdir).items() if path not in incomplete}
-    attacks_before = finished_attack_stores(workdir)
-    assert 2 <= len(attacks_before) < N_ATTACK_JOBS
+    if stage == "attack":
+        assert 2 <= len(finished_attack_stores(workdir)) < N_ATTACK_JOBS
 
     # What a user does after a crash: release the lock of the dead run, then run again.
     subprocess.run(snakemake_command(workdir, "--unlock"), check=True, capture_output=True, timeout=120)

@@ -125,14 +125,17 @@ def test_stores_agree_with_each_other(tiny):
     assert (evaluation["k"] >= 1).all()
 
 
-def test_positive_control_flips_slides_its_noise_control_does_not(tiny):
+def test_positive_control_flips_slides_its_noise_control_does_not(tiny, tmp_path):
     """The gray-box oracle must move slides if the chain can see an effect; noise of its bound must not."""
+    run = tmp_path / "tiny"  # a copy: the shared run keeps its own attacks (the planning test counts their jobs)
+    shutil.copytree(tiny, run, symlinks=True)
     overlay = ROOT / "tests" / "configs" / "positive_control_tiny.yaml"
     evaluated = {
-        name: tiny / "results" / "eval" / "demo_trained" / "abmil" / f"{name}.csv"
+        name: Path("results/eval/demo_trained/abmil") / f"{name}.csv"
         for name in ("positive_control", "positive_control_noise")
     }
-    ok(snakemake(tiny, *map(str, evaluated.values()), overlays=(overlay,)))
+    ok(snakemake(run, *map(str, evaluated.values()), overlays=(overlay,)))
+    evaluated = {name: run / path for name, path in evaluated.items()}
     oracle, noise = (pd.read_csv(path) for path in evaluated.values())
     assert (oracle["threat_model"] == "gray-box").all() and not oracle["label_free"].any()
     assert (oracle["clean_pred"] != oracle["attacked_pred"]).sum() >= 1
