@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import yaml
 from wsiattack import cluster, stores
+from wsiattack.errors import StoreError
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
@@ -33,7 +34,7 @@ def test_sizes_follow_the_worst_job_of_each_rule(tmp_path):
 
 
 def test_no_benchmarks_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="No benchmark files"):
+    with pytest.raises(StoreError, match="no benchmark files"):
         cluster.read_benchmarks(tmp_path)
 
 

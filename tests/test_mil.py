@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
+import runpy
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -199,6 +203,31 @@ def test_make_splits_rejects_class_smaller_than_folds() -> None:
     samples = _slides(10, 4).assign(patient_id=[f"p{i}" for i in range(10)] + ["q0", "q0", "q1", "q1"])
     with pytest.raises(ValueError, match=r"class 'B' has 2 patients"):
         make_splits(samples, folds=3, seed=0)
+
+
+def test_too_few_slides_per_class_fails_the_split_rule_with_one_line(tmp_path, capsys) -> None:
+    """Through the rule script itself: one line naming the class and the fold count, exit 1, no splits."""
+
+    rows = []
+    for i, label in enumerate(["A"] * 6 + ["B"] * 2):
+        (tmp_path / f"s{i}.tiff").write_bytes(b"")
+        rows.append({"slide_id": f"s{i}", "path": f"s{i}.tiff", "label": label})
+    pd.DataFrame(rows).to_csv(tmp_path / "samples.csv", index=False)
+    out = tmp_path / "splits.csv"
+    smk = SimpleNamespace(
+        input=SimpleNamespace(samples=str(tmp_path / "samples.csv")),
+        output=SimpleNamespace(splits=str(out)),
+        params=SimpleNamespace(spec=json.dumps({"folds": 3, "seed": 0, "classes": ["A", "B"]})),
+        log=[str(tmp_path / "split.log")],
+        threads=1,
+    )
+    script = Path(__file__).resolve().parents[1] / "workflow_scripts" / "split.py"
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(script), init_globals={"snakemake": smk}, run_name="__main__")
+    assert exited.value.code == 1 and not out.exists()
+    errors = [line for line in capsys.readouterr().err.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and re.search(r"class 'B' has 2 slides.*folds=3", errors[0])
+    assert "Traceback" not in (tmp_path / "split.log").read_text()
 
 
 # --- training -----------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .stores import atomic_file
+from wsiattack.atomic import atomic_file
+from wsiattack.errors import ConfigError, StoreError, run_cli
 
 BEGIN = "# BEGIN cluster-resources"
 END = "# END cluster-resources"
@@ -62,7 +63,7 @@ def read_benchmarks(benchmarks_dir: Path) -> list[RuleUsage]:
                 )
             )
     if not usage:
-        raise SystemExit(f"No benchmark files under {benchmarks_dir}: run the workflow first.")
+        raise StoreError(f"{benchmarks_dir}: no benchmark files; run the workflow first")
     return usage
 
 
@@ -113,7 +114,7 @@ def replace_block(profile_text: str, block: str) -> str:
     pattern = re.compile(rf"^(?P<indent>[ \t]*){re.escape(BEGIN)}\n.*?^[ \t]*{re.escape(END)}", re.M | re.S)
     match = pattern.search(profile_text)
     if match is None:
-        raise SystemExit(f"The profile has no '{BEGIN}' ... '{END}' markers.")
+        raise ConfigError(f"the profile has no '{BEGIN}' ... '{END}' markers")
     indent = match.group("indent")
     replacement = f"{indent}{BEGIN}\n{block}\n{indent}{END}"
     return profile_text[: match.start()] + replacement + profile_text[match.end() :]
@@ -137,4 +138,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

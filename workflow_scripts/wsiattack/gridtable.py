@@ -20,7 +20,7 @@ import yaml
 from wsiattack.atomic import atomic_file
 from wsiattack.attacks.params import attack_norm
 from wsiattack.attacks.sweep import expand_sweep
-from wsiattack.errors import ConfigError
+from wsiattack.errors import ConfigError, run_cli
 
 CELL_METRICS = ("accuracy", "flip_rate", "tile_cosine_distance")
 
@@ -100,4 +100,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
+from wsiattack.errors import CohortError, ConfigError
+
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auroc")
 SUMMARY_METRICS = (*CLASSIFICATION_METRICS, "flip_rate")
 SUMMARY_COLUMNS = ("metric", "clean", "attacked", "drop", "drop_ci_low", "drop_ci_high", "n_slides")
@@ -27,7 +29,7 @@ def classification_metrics(
     """
     y_true, y_pred, prob = np.asarray(y_true), np.asarray(y_pred), np.asarray(prob, dtype=np.float64)
     if n_classes < 2 or prob.shape != (len(y_true), n_classes) or y_pred.shape != y_true.shape or len(y_true) == 0:
-        raise ValueError(
+        raise CohortError(
             f"need n_classes >= 2 and non-empty y_true, y_pred (n,) with prob (n, n_classes); got n_classes="
             f"{n_classes}, y_true {y_true.shape}, y_pred {y_pred.shape}, prob {prob.shape}"
         )
@@ -113,7 +115,7 @@ def summarize_attack(
     draw.
     """
     if n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap must be >= 0, got {n_bootstrap}")
+        raise ConfigError(f"config: evaluation.n_bootstrap must be >= 0, got {n_bootstrap}")
     predictions = _paired_predictions(eval_df, classes=classes)
     clean, attacked = predictions.clean_and_attacked(n_classes=len(classes))
     groups = _patient_groups(eval_df["slide_id"].astype(str), patients)
@@ -154,7 +156,7 @@ def _patient_groups(slide_ids: pd.Series, patients: Mapping[str, str] | None) ->
         return np.arange(len(slide_ids))
     missing = [s for s in slide_ids if s not in patients]
     if missing:
-        raise ValueError(f"no patient_id for slide(s) {missing[:3]} in the splits")
+        raise CohortError(f"no patient_id for slide(s) {missing[:3]} in the splits")
     return pd.factorize(np.asarray([patients[s] for s in slide_ids]))[0]
 
 
@@ -247,23 +249,23 @@ def _percentile_intervals(drops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _paired_predictions(eval_df: pd.DataFrame, *, classes: Sequence[str]) -> _PairedPredictions:
     classes = list(classes)
     if len(classes) < 2 or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be >= 2 distinct names, got {classes}")
+        raise ConfigError(f"config: classes must be >= 2 distinct names, got {classes}")
     prob_columns = {kind: [f"{kind}_prob_{c}" for c in classes] for kind in ("clean", "attacked")}
     required = ["slide_id", "label", "label_idx", "clean_pred", "attacked_pred"]
     required += [*prob_columns["clean"], *prob_columns["attacked"]]
     missing = [c for c in required if c not in eval_df.columns]
     if missing:
-        raise ValueError(f"eval table lacks column(s) {missing}")
+        raise CohortError(f"eval table lacks column(s) {missing}")
     if eval_df.empty:
-        raise ValueError("eval table has no slides")
+        raise CohortError("eval table has no slides")
     if eval_df["slide_id"].duplicated().any():
-        raise ValueError("eval table has more than one row per slide_id")
+        raise CohortError("eval table has more than one row per slide_id")
     y_true, clean_pred, attacked_pred = (
         _class_indices(eval_df[c], n_classes=len(classes)) for c in ("label_idx", "clean_pred", "attacked_pred")
     )
     # A label/label_idx mismatch means the classes were passed in a different order than used upstream.
     if (eval_df["label"].astype(str).to_numpy() != np.asarray(classes, dtype=str)[y_true]).any():
-        raise ValueError(f"label does not match classes[label_idx] for classes={classes}")
+        raise CohortError(f"label does not match classes[label_idx] for classes={classes}")
     return _PairedPredictions(
         y_true=y_true,
         clean_prob=eval_df[prob_columns["clean"]].to_numpy(dtype=np.float64),
@@ -275,10 +277,10 @@ def _paired_predictions(eval_df: pd.DataFrame, *, classes: Sequence[str]) -> _Pa
 
 def _class_indices(column: pd.Series, *, n_classes: int) -> np.ndarray:
     if not pd.api.types.is_integer_dtype(column):
-        raise ValueError(f"eval table column {column.name!r} must hold integer class indices, got {column.dtype}")
+        raise CohortError(f"eval table column {column.name!r} must hold integer class indices, got {column.dtype}")
     indices = column.to_numpy(dtype=np.int64)
     if indices.min() < 0 or indices.max() >= n_classes:
-        raise ValueError(f"eval table column {column.name!r} has class indices outside [0, {n_classes})")
+        raise CohortError(f"eval table column {column.name!r} has class indices outside [0, {n_classes})")
     return indices
 
 

@@ -33,6 +33,7 @@ import pandas as pd
 import yaml
 
 from wsiattack.encoders import registry
+from wsiattack.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -257,4 +258,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

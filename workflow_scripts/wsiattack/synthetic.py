@@ -39,6 +39,7 @@ import tifffile
 from scipy import ndimage
 
 from wsiattack.atomic import atomic_file
+from wsiattack.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -649,16 +650,16 @@ def write_demo_cohort(
     """
     classes = list(classes)
     if len(classes) != 2:
-        raise ValueError(f"the demo cohort has exactly 2 classes (negative, positive), got {len(classes)}: {classes}")
+        raise ConfigError(f"the demo cohort has exactly 2 classes (negative, positive), got {len(classes)}: {classes}")
     if classes[0] == classes[1]:
-        raise ValueError(f"the two classes must differ, got {classes}")
+        raise ConfigError(f"the two classes must differ, got {classes}")
     if n_slides < 2:
-        raise ValueError(f"n_slides must be at least 2 (one per class), got {n_slides}")
+        raise ConfigError(f"n_slides must be at least 2 (one per class), got {n_slides}")
     if seed < 0:
-        raise ValueError(f"seed must be non-negative, got {seed}")
+        raise ConfigError(f"seed must be non-negative, got {seed}")
     min_tumor_share = tumor_share if min_tumor_share is None else min_tumor_share
     if not 0.0 < min_tumor_share <= tumor_share:
-        raise ValueError(f"need 0 < min_tumor_share <= tumor_share, got {min_tumor_share} and {tumor_share}")
+        raise ConfigError(f"need 0 < min_tumor_share <= tumor_share, got {min_tumor_share} and {tumor_share}")
     slides_dir, samples_csv = Path(slides_dir), Path(samples_csv)
     slides_dir.mkdir(parents=True, exist_ok=True)
     if masks_dir is not None:

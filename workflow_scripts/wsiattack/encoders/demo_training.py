@@ -47,6 +47,7 @@ from torch import nn
 from wsiattack.atomic import atomic_file
 from wsiattack.encoders.model import TileEncoder, build_architecture
 from wsiattack.encoders.registry import get_spec
+from wsiattack.errors import run_cli
 from wsiattack.synthetic import ENCODER_TRAINING_STREAM, render_slide_with_masks
 
 log = logging.getLogger(__name__)
@@ -370,4 +371,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

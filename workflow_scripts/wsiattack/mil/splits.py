@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from wsiattack.errors import CohortError, ConfigError
+
 
 def make_splits(samples: pd.DataFrame, *, folds: int, seed: int) -> pd.DataFrame:
     """Assign each slide the fold (0..folds-1) in which it is a test slide.
@@ -16,7 +18,7 @@ def make_splits(samples: pd.DataFrame, *, folds: int, seed: int) -> pd.DataFrame
     Returns ``slide_id, label, patient_id, fold`` in the input's row order (and index).
     """
     if folds < 2:
-        raise ValueError(f"folds must be >= 2, got {folds}")
+        raise ConfigError(f"config: mil.folds must be >= 2, got {folds}")
     _check_columns(samples)
     groups = samples["patient_id"] if "patient_id" in samples.columns else samples["slide_id"]
     _check_enough_groups(labels=samples["label"], groups=groups, folds=folds)
@@ -28,7 +30,7 @@ def make_splits(samples: pd.DataFrame, *, folds: int, seed: int) -> pd.DataFrame
         fold[test_rows] = fold_index
     empty = sorted(set(range(folds)) - set(fold.tolist()))
     if empty:  # StratifiedGroupKFold is greedy and can leave a fold empty with very uneven groups
-        raise ValueError(f"folds {empty} received no slides; use fewer folds")
+        raise CohortError(f"folds {empty} received no slides; use fewer folds")
     return pd.DataFrame(
         {
             "slide_id": samples["slide_id"].to_numpy(),
@@ -43,14 +45,14 @@ def make_splits(samples: pd.DataFrame, *, folds: int, seed: int) -> pd.DataFrame
 def _check_columns(samples: pd.DataFrame) -> None:
     missing = [c for c in ("slide_id", "label") if c not in samples.columns]
     if missing:
-        raise ValueError(f"samples lacks column(s) {missing} (has {list(samples.columns)})")
+        raise CohortError(f"samples lacks column(s) {missing} (has {list(samples.columns)})")
     present = [c for c in ("slide_id", "label", "patient_id") if c in samples.columns]
     for column in present:
         if samples[column].isna().any():
-            raise ValueError(f"samples column {column!r} has missing values")
+            raise CohortError(f"samples column {column!r} has missing values")
     duplicated = samples["slide_id"][samples["slide_id"].duplicated()].unique().tolist()
     if duplicated:
-        raise ValueError(f"duplicate slide_id(s) in samples: {duplicated[:5]}")
+        raise CohortError(f"duplicate slide_id(s) in samples: {duplicated[:5]}")
 
 
 def _check_enough_groups(*, labels: pd.Series, groups: pd.Series, folds: int) -> None:
@@ -60,7 +62,7 @@ def _check_enough_groups(*, labels: pd.Series, groups: pd.Series, folds: int) ->
     too_few = groups_per_class[groups_per_class < folds]
     if not too_few.empty:
         details = ", ".join(f"class {label!r} has {count} {unit}" for label, count in too_few.items())
-        raise ValueError(f"{details}; folds={folds} needs at least {folds} {unit} per class")
+        raise CohortError(f"{details}; folds={folds} needs at least {folds} {unit} per class")
 
 
 def inner_validation(train: pd.DataFrame, *, fraction: float, seed: int) -> pd.Series:
@@ -71,13 +73,13 @@ def inner_validation(train: pd.DataFrame, *, fraction: float, seed: int) -> pd.S
     slides on both sides. Every class must keep a slide on both sides.
     """
     if not 0.0 < fraction < 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5) (or 0 for no validation), got {fraction}")
+        raise ConfigError(f"config: mil.val_fraction must be in (0, 0.5) (or 0 for no validation), got {fraction}")
     n_splits = max(2, round(1.0 / fraction))
     groups = train["patient_id"] if "patient_id" in train.columns else train["slide_id"]
     try:
         _check_enough_groups(labels=train["label"], groups=groups, folds=n_splits)
     except ValueError as error:
-        raise ValueError(
+        raise CohortError(
             f"inner validation split (val_fraction={fraction}): {error}; lower val_fraction or set it to 0"
         ) from None
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
@@ -87,5 +89,5 @@ def inner_validation(train: pd.DataFrame, *, fraction: float, seed: int) -> pd.S
     for side, rows in (("validation", mask), ("training", ~mask)):
         missing = sorted(set(train["label"]) - set(train["label"][rows]))
         if missing:
-            raise ValueError(f"the inner {side} split has no slide of class(es) {missing}; change val_fraction")
+            raise CohortError(f"the inner {side} split has no slide of class(es) {missing}; change val_fraction")
     return pd.Series(mask, index=train.index, name="validation")

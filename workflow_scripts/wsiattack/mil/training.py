@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from wsiattack.atomic import atomic_file
+from wsiattack.errors import CohortError, ConfigError, StoreError
 from wsiattack.mil.models import MILModel, build_mil_model, mil_model_name, slide_cross_entropy
 
 logger = logging.getLogger(__name__)
@@ -44,9 +45,13 @@ class MILTrainingSpec:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1:
-            raise ValueError(f"epochs and patience must be >= 1, got epochs={self.epochs}, patience={self.patience}")
+            raise ConfigError(
+                f"config: mil: epochs and patience must be >= 1, got epochs={self.epochs}, patience={self.patience}"
+            )
         if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}")
+            raise ConfigError(
+                f"config: mil: need lr > 0 and weight_decay >= 0, got lr={self.lr}, weight_decay={self.weight_decay}"
+            )
 
 
 @dataclass(frozen=True)
@@ -157,21 +162,21 @@ def _mean_loss(model: MILModel, bags: list[Tensor], targets: Tensor, *, class_we
 
 def _as_float_bags(bags: Sequence[Tensor], *, in_dim: int | None = None) -> list[Tensor]:
     if len(bags) == 0:
-        raise ValueError("train_mil needs at least one bag")
+        raise CohortError("train_mil needs at least one bag")
     float_bags = [torch.as_tensor(bag, dtype=torch.float32, device="cpu") for bag in bags]
     in_dim = float_bags[0].shape[-1] if in_dim is None else in_dim
     for index, bag in enumerate(float_bags):
         if bag.ndim != 2 or bag.shape[0] == 0 or bag.shape[1] != in_dim:
-            raise ValueError(f"bag {index} has shape {tuple(bag.shape)}; expected (N >= 1, {in_dim})")
+            raise CohortError(f"bag {index} has shape {tuple(bag.shape)}; expected (N >= 1, {in_dim})")
     return float_bags
 
 
 def _check_labels(labels: Sequence[int], *, n_bags: int, n_classes: int) -> Tensor:
     targets = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     if targets.shape != (n_bags,):
-        raise ValueError(f"got {n_bags} bags but labels of shape {tuple(targets.shape)}")
+        raise CohortError(f"got {n_bags} bags but labels of shape {tuple(targets.shape)}")
     if n_bags and (targets.min() < 0 or targets.max() >= n_classes):
-        raise ValueError(f"labels must be class indices in [0, {n_classes}), got {sorted(set(targets.tolist()))}")
+        raise CohortError(f"labels must be class indices in [0, {n_classes}), got {sorted(set(targets.tolist()))}")
     return targets
 
 
@@ -232,7 +237,7 @@ def load_mil_checkpoint(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     with safe_open(str(path), framework="pt") as checkpoint:
         stored = (checkpoint.metadata() or {}).get(CHECKPOINT_METADATA_KEY)
     if stored is None:
-        raise ValueError(f"{path}: not a wsiattack MIL checkpoint (no {CHECKPOINT_METADATA_KEY!r} metadata)")
+        raise StoreError(f"{path}: not a wsiattack MIL checkpoint (no {CHECKPOINT_METADATA_KEY!r} metadata)")
     metadata = json.loads(stored)
     model = build_mil_model(
         metadata["model"], in_dim=metadata["in_dim"], n_classes=metadata["n_classes"], **metadata["hparams"]
