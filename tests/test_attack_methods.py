@@ -385,3 +385,14 @@ def test_pgd_with_cross_entropy_matches_torchattacks_robust_accuracy():
     assert clean_accuracy == 1.0 and 0.3 < robust[1] < 0.7  # about half can be flipped: not vacuous
     assert abs(robust[0] - robust[1]) <= 0.03, robust
     assert (ours - images).abs().max() <= eps + 1e-6
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "mifgsm", "apgd", "cw", "noise"])
+def test_a_method_built_bare_has_the_configs_defaults(name):
+    """One source of defaults: a class built with eps alone equals the method the config builds."""
+    from wsiattack.attacks.methods import METHODS
+    from wsiattack.config import check_attack_entry
+
+    entry = check_attack_entry({"method": name, "eps": "8/255"}, where="attacks.x")
+    configured, _ = build_method(entry)
+    assert METHODS[name](eps=8 / 255) == configured

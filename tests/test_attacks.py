@@ -19,6 +19,7 @@ from wsiattack.encoders.model import build_encoder
 from wsiattack.errors import AttackError, ConfigError, StoreError
 from wsiattack.evaluation import attacked_bag
 from wsiattack.extraction import extract_slide, reembed_slide
+from wsiattack.schema import check_attack_entry
 
 EPS = 4 / 255
 CPU = torch.device("cpu")
@@ -345,8 +346,8 @@ def test_normalise_fills_method_defaults_and_refuses_foreign_parameters():
     assert normalise_attack({"method": "cw", "eps": EPS}, where="a")["kappa"] is None
     with pytest.raises(ConfigError, match=r"attacks.x.momentum: not a parameter of method 'pgd'"):
         normalise_attack({"method": "pgd", "eps": EPS, "momentum": 0.9}, where="attacks.x")
-    with pytest.raises(ConfigError, match=r"attacks.x.steps: 0 must be an integer >= 1"):
-        normalise_attack({"method": "pgd", "eps": EPS, "steps": 0}, where="attacks.x")
+    with pytest.raises(ConfigError, match=r"attacks.x.steps: 0 is less than the minimum of 1"):  # the schema's range
+        check_attack_entry({"method": "pgd", "eps": EPS, "steps": 0}, where="attacks.x")
     with pytest.raises(ConfigError, match=r"attacks.x.method: unknown method 'pgdd'"):
         normalise_attack({"method": "pgdd", "eps": EPS}, where="attacks.x")
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from wsiattack.attacks.params import NORMS
 from wsiattack.errors import AttackError, ConfigError
 from wsiattack.runtime import exact_dtype
 
-NORMS = ("linf", "l2")
 _TINY = 1e-12
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from wsiattack.attacks.bounds import Ball
 from wsiattack.attacks.objectives import Objective, ObjectiveFn, get_objective
-from wsiattack.attacks.params import method_params
+from wsiattack.attacks.params import FIXED_NORMS, METHOD_DEFAULTS, derived_step_size, method_params
 from wsiattack.errors import AttackError
 
 
@@ -210,10 +210,20 @@ class FGSM(Method):
 
 @dataclass(frozen=True, kw_only=True)
 class PGD(Method):
-    """Projected gradient ascent (Madry et al. 2018), L-inf (sign steps) or L2 (normalised steps)."""
+    """Projected gradient ascent (Madry et al. 2018), L-inf (sign steps) or L2 (normalised steps).
 
-    steps: int = 10
-    step_size: float = 1 / 255
+    Defaults are ``params.METHOD_DEFAULTS``'s; ``step_size`` None is derived from eps and steps
+    as in the config (``params.derived_step_size``).
+    """
+
+    name = "pgd"
+    steps: int = METHOD_DEFAULTS["pgd"]["steps"]
+    step_size: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.step_size is None:
+            object.__setattr__(self, "step_size", derived_step_size(self.name, eps=self.eps, steps=self.steps))
 
     def _run(self, problem: Problem, generator: torch.Generator) -> BestIterate:
         return projected_ascent(problem, generator=generator, steps=self.steps, step_size=self.step_size, momentum=0.0)
@@ -223,7 +233,9 @@ class PGD(Method):
 class MIFGSM(PGD):
     """Momentum iterative FGSM (Dong et al. 2018): g ← μ·g + ∇/‖∇‖₁, step along sign(g)."""
 
-    momentum: float = 1.0
+    name = "mifgsm"
+    steps: int = METHOD_DEFAULTS["mifgsm"]["steps"]
+    momentum: float = METHOD_DEFAULTS["mifgsm"]["momentum"]
 
     def _run(self, problem: Problem, generator: torch.Generator) -> BestIterate:
         return projected_ascent(
@@ -265,9 +277,9 @@ class APGD(Method):
     compares best values, both per tile.
     """
 
-    steps: int = 100
-    momentum: float = 0.75
-    rho: float = 0.75
+    steps: int = METHOD_DEFAULTS["apgd"]["steps"]
+    momentum: float = METHOD_DEFAULTS["apgd"]["momentum"]
+    rho: float = METHOD_DEFAULTS["apgd"]["rho"]
 
     def _run(self, problem: Problem, generator: torch.Generator) -> BestIterate:
         clean, n = problem.clean, self.steps
@@ -367,12 +379,12 @@ class CarliniWagnerL2(Method):
     Every round's gradient evaluations count in the stored ``iterations``.
     """
 
-    norm: str = "l2"
-    steps: int = 100
-    binary_search_steps: int = 5
-    c: float = 10.0
-    lr: float = 0.01
-    kappa: float | None = None
+    norm: str = FIXED_NORMS["cw"]
+    steps: int = METHOD_DEFAULTS["cw"]["steps"]
+    binary_search_steps: int = METHOD_DEFAULTS["cw"]["binary_search_steps"]
+    c: float = METHOD_DEFAULTS["cw"]["c"]
+    lr: float = METHOD_DEFAULTS["cw"]["lr"]
+    kappa: float | None = METHOD_DEFAULTS["cw"]["kappa"]
 
     def _run(self, problem: Problem, generator: torch.Generator) -> BestIterate:
         clean = problem.clean

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from wsiattack.attacks import params
 from wsiattack.attacks.params import ORACLE_OBJECTIVES
 from wsiattack.errors import AttackError, ConfigError
 
@@ -57,6 +58,9 @@ OBJECTIVES: dict[str, Objective] = {
     "l2": Objective("l2", l2_distance),
     "mil_cross_entropy": Objective("mil_cross_entropy", _needs_binding),
 }
+
+
+assert tuple(OBJECTIVES) == params.OBJECTIVES, "attacks.params.OBJECTIVES names the objectives implemented here"
 
 
 def get_objective(name: str) -> Objective:

@@ -1,4 +1,5 @@
-"""Method parameters and their defaults, in one torch-free place (config validation uses it).
+"""The attack vocabulary (methods, norms, objectives, selections) and the methods' parameter
+defaults, in one torch-free place (config validation uses it).
 
 ``normalise_attack`` fills a method's defaults into an attack entry and resolves a null
 ``step_size``, so the spec a rule carries states the exact parameters it ran with. Keys shared
@@ -39,6 +40,10 @@ def attack_norm(entry: Mapping[str, Any]) -> str:
 # iterates may need to cross the whole diameter, hence 2·eps/steps.
 STEP_SIZE_FACTOR = {"pgd": 2.5, "mifgsm": 2.0}
 
+# The attack vocabulary. The config schema's enums of these keys are filled from here on load
+# (schema.load_schema); numeric ranges of the parameters are the schema's alone.
+NORMS = ("linf", "l2")
+OBJECTIVES = ("cosine", "l2", "mil_cross_entropy")  # attacks.objectives implements each
 SELECTIONS = ("random", "vulnerability", "centrality", "attention")
 GRAY_BOX_SELECTIONS = frozenset({"attention"})  # selections that use the downstream model
 ORACLE_OBJECTIVES = frozenset({"mil_cross_entropy"})  # objectives that use it (and the label)
@@ -60,10 +65,14 @@ def method_params(entry: Mapping[str, Any], *, where: str, strict: bool) -> dict
     if strict:
         _refuse_foreign(entry, method=method, where=where)
     params = {key: entry[key] if entry.get(key) is not None else value for key, value in defaults.items()}
-    _check_ranges(params, where=where)
     if "step_size" in params and params["step_size"] is None:
-        params["step_size"] = STEP_SIZE_FACTOR[method] * float(entry["eps"]) / params["steps"]
+        params["step_size"] = derived_step_size(method, eps=float(entry["eps"]), steps=params["steps"])
     return params
+
+
+def derived_step_size(method: str, *, eps: float, steps: int) -> float:
+    """The step size of ``method`` when none is given (the config's and the method classes' default)."""
+    return STEP_SIZE_FACTOR[method] * eps / steps
 
 
 def normalise_attack(entry: Mapping[str, Any], *, where: str) -> dict[str, Any]:
@@ -118,30 +127,3 @@ def _refuse_foreign(entry: Mapping[str, Any], *, method: str, where: str) -> Non
         raise ConfigError(
             f"config: {where}.{foreign[0]}: not a parameter of method {method!r} (its parameters: {allowed}); remove it"
         )
-
-
-_INTEGER_MINIMUM = {"steps": 1, "restarts": 1, "binary_search_steps": 1}
-# key: (low, high, low included)
-_REAL_RANGE = {
-    "step_size": (0.0, 1.0, False),
-    "c": (0.0, float("inf"), False),
-    "lr": (0.0, float("inf"), False),
-    "momentum": (0.0, float("inf"), True),
-    "rho": (0.0, 1.0, True),
-}
-
-
-def _check_ranges(params: Mapping[str, Any], *, where: str) -> None:
-    for key, minimum in _INTEGER_MINIMUM.items():
-        if key in params and (
-            isinstance(params[key], bool) or not isinstance(params[key], int) or params[key] < minimum
-        ):
-            raise ConfigError(f"config: {where}.{key}: {params[key]!r} must be an integer >= {minimum}")
-    for key, (low, high, closed) in _REAL_RANGE.items():
-        if params.get(key) is None:
-            continue
-        value = float(params[key])
-        if not ((value >= low if closed else value > low) and value <= high):
-            raise ConfigError(f"config: {where}.{key}: {value} must be in {'[' if closed else '('}{low}, {high}]")
-    if params.get("norm", "linf") not in ("linf", "l2"):
-        raise ConfigError(f"config: {where}.norm: {params['norm']!r} must be linf or l2")

@@ -31,6 +31,7 @@ from typing import Any
 
 from wsiattack.attacks.params import METHOD_DEFAULTS, METHOD_PARAMS, SELECTIONS, uses_mil_head
 from wsiattack.errors import ConfigError
+from wsiattack.schema import check_attack_entry, parse_pixel_fraction
 
 SWEEP_KEYS = {"methods", "eps", "fractions", "selections", "base", "params", "prefix"}
 _BASE_KEYS = {"objective", "seed", "budget", "mil"}  # besides method parameters
@@ -55,7 +56,7 @@ def expand_sweep(sweep: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
                 f"config: sweep.eps: {spelled!r} gives the same name {name!r} as another eps value; list each bound once"
             )
         entry = _entry(sweep, method=method, eps=eps, fraction=fraction, selection=selection)
-        entries[name] = _check_entry(entry, where=f"sweep ({name})")
+        entries[name] = check_attack_entry(entry, where=f"sweep ({name})")
     return entries
 
 
@@ -119,15 +120,7 @@ def _check_members(values: list[Any], *, allowed: Any, where: str) -> None:
             raise ConfigError(f"config: {where}[{i}]: unknown {value!r} (known: {', '.join(allowed)})")
 
 
-def _check_entry(entry: dict[str, Any], *, where: str) -> dict[str, Any]:
-    from wsiattack.config import check_attack_entry  # lazy: wsiattack.config calls expand_sweep
-
-    return check_attack_entry(entry, where=where)
-
-
 def _pixel_fraction(value: float | str, *, where: str) -> float:
-    from wsiattack.config import parse_pixel_fraction  # lazy: wsiattack.config calls expand_sweep
-
     eps = parse_pixel_fraction(value, where=where)
     if eps <= 0:
         raise ConfigError(f"config: {where}: eps must be > 0")
