@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
 from wsiattack import config as wsiconfig
 from wsiattack.attacks.params import uses_mil_head
+from wsiattack.names import NAME_PATTERN
 from wsiattack.samples import read_samples
 from wsiattack.shards import SHARD_PATTERN, partition
 
@@ -23,7 +24,7 @@ ATTACKS = list(CONFIG["attacks"])
 MIL_MODELS = CONFIG["mil"]["models"]
 FOLDS = list(range(CONFIG["mil"]["folds"]))
 
-NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
+NAME = NAME_PATTERN
 
 
 wildcard_constraints:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from wsiattack.errors import SampleSheetError
+from wsiattack.names import is_valid_name
 
 REQUIRED = ("slide_id", "path", "label")
 OPTIONAL = ("patient_id", "mpp")
-_SLIDE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def read_samples(path: str | Path, *, classes: Sequence[str], base_dir: str | Path | None = None) -> pd.DataFrame:
@@ -61,7 +60,7 @@ def read_samples(path: str | Path, *, classes: Sequence[str], base_dir: str | Pa
 
 def _check_row(record: dict[str, str], *, classes: Sequence[str], where: str) -> None:
     slide_id = record["slide_id"]
-    if not _SLIDE_ID.match(slide_id):
+    if not is_valid_name(slide_id):
         raise SampleSheetError(
             f"{where}: slide_id {slide_id!r} must be non-empty and use only letters, digits, '_', '.', '-'"
         )

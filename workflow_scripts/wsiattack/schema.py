@@ -16,12 +16,14 @@ import yaml
 
 from wsiattack.attacks.params import METHOD_DEFAULTS, NORMS, OBJECTIVES, SELECTIONS, normalise_attack
 from wsiattack.errors import ConfigError
+from wsiattack.names import NAME_PATTERN
 
 
 @cache
 def load_schema() -> dict[str, Any]:
-    """The config schema, with the attack vocabulary's enums filled from ``attacks.params``."""
+    """The config schema, with the name pattern and the attack vocabulary's enums filled in."""
     schema = yaml.safe_load(resources.files("wsiattack").joinpath("schemas/config.schema.yaml").read_text())
+    schema["$defs"]["name"]["pattern"] = f"^{NAME_PATTERN}$"
     attack = schema["$defs"]["attack"]["properties"]
     vocabulary = {"method": METHOD_DEFAULTS, "norm": NORMS, "objective": OBJECTIVES, "selection": SELECTIONS}
     for key, names in vocabulary.items():

@@ -40,6 +40,7 @@ from scipy import ndimage
 
 from wsiattack.atomic import atomic_file
 from wsiattack.errors import ConfigError
+from wsiattack.tissue import fill_small_holes
 
 logger = logging.getLogger(__name__)
 
@@ -166,18 +167,6 @@ def _rough_ellipse(
     return 1.0 - (u * u + v * v)
 
 
-def _fill_small_holes(mask: np.ndarray, *, max_hole_cells: int) -> np.ndarray:
-    """Fill holes up to ``max_hole_cells``; larger ones stay (they read as lumina or fat)."""
-    holes = ndimage.binary_fill_holes(mask) & ~mask
-    labels, n = ndimage.label(holes)
-    if n == 0:
-        return mask
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    small = sizes <= max_hole_cells
-    small[0] = False
-    return mask | small[labels]
-
-
 def _tissue_mask(rng: np.random.Generator, shape: tuple[int, int], *, coverage: float, n_pieces: int) -> np.ndarray:
     """Low-res boolean mask of ``n_pieces`` irregular tissue pieces covering about ``coverage``."""
     h, w = shape
@@ -217,7 +206,7 @@ def _tissue_mask(rng: np.random.Generator, shape: tuple[int, int], *, coverage: 
         keep[0] = False
         mask = keep[labels]
     mask = ndimage.binary_opening(mask, iterations=2)
-    return _fill_small_holes(mask, max_hole_cells=max(16, mask.size // 2000))
+    return fill_small_holes(mask, max_hole_px=max(16, mask.size // 2000) + 1)  # holes of up to that many cells
 
 
 def _tumor_mask(rng: np.random.Generator, tissue: np.ndarray, *, tumor_share: float) -> np.ndarray:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from wsiattack.errors import EncoderError
+from wsiattack.names import is_valid_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -396,7 +397,6 @@ def resolve_spec(name: str, *, custom: EncoderSpec | Mapping[str, Any] | None = 
 
 CUSTOM_KEYS = ("factory", "input_px", "mean", "std", "embed_dim", "readout", "precision", "kwargs")
 CUSTOM_REQUIRED = ("factory", "input_px", "embed_dim", "readout")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
 
@@ -424,7 +424,7 @@ def custom_spec(name: str, mapping: Mapping[str, Any]) -> EncoderSpec:
 
 
 def _check_custom_keys(where: str, name: str, mapping: Mapping[str, Any]) -> None:
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not is_valid_name(name):
         raise EncoderError(f"{where}: names are letters, digits, '_', '.', '-' (used in output paths)")
     if name in ENCODERS:
         raise EncoderError(f"{where}: the name is taken by a registry encoder; choose another name")
