@@ -1,10 +1,6 @@
 """Shared fixtures. The library is installed into .venv (editable) by `make setup`."""
 
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

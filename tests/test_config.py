@@ -1,14 +1,12 @@
 """Config validation: defaults, normalisation, and one clear error per bad key."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
+from helpers import ROOT
 from wsiattack import config as wsiconfig
 from wsiattack.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

@@ -10,11 +10,10 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+from helpers import ROOT
 from wsiattack.encoders import registry
 from wsiattack.encoders.model import TileEncoder, build_architecture, build_encoder
 from wsiattack.errors import EncoderError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 # name: (parameters, patch px, prefix tokens (CLS + registers), token width, MLP fc1 rows)
 # Parameter counts match the published sizes: UNI 0.3B, UNI2-h 681M, Virchow2 632M,

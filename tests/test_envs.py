@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import yaml
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ROOT / "workflow_scripts"
 # import name -> distribution name, where they differ
 DISTRIBUTIONS = {"PIL": "pillow", "sklearn": "scikit-learn", "yaml": "pyyaml", "openslide": "openslide-python"}
@@ -33,7 +33,9 @@ def env_pins(path: Path) -> dict[str, str]:
 def rule_envs_and_scripts() -> list[tuple[str, Path, Path]]:
     """(rule, env file, script) for every rule, read from rules/*.smk."""
     found = []
-    for smk in (ROOT / "rules").glob("*.smk"):
+    rule_files = sorted((ROOT / "rules").glob("*.smk"))
+    assert rule_files, "no rules/*.smk found"
+    for smk in rule_files:
         for block in re.split(r"\n(?=(?:rule|checkpoint) )", smk.read_text()):
             rule = re.match(r"(?:rule|checkpoint) (\w+):", block)
             env = re.search(r'conda:\s*\n\s*"([^"]+)"', block)
@@ -97,7 +99,10 @@ def third_party_imports(script: Path) -> set[str]:
 
 def test_env_pins_equal_requirements():
     pins = requirement_pins()
-    for env in (ROOT / "envs").glob("*.yaml"):
+    envs = sorted((ROOT / "envs").glob("*.yaml"))
+    assert len(envs) >= 4  # a glob that matched nothing would pass the loop below
+    for env in envs:
+        assert env_pins(env), f"{env.name}: no pip pins"
         for name, version in env_pins(env).items():
             assert pins.get(name) == version, (
                 f"{env.name}: {name}=={version} but requirements.txt pins {pins.get(name)}"

@@ -2,7 +2,6 @@
 cross-entropy); its outputs are marked; the workflow makes only these attacks wait for the heads."""
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import ROOT, snakemake_command
 from wsiattack import stores
 from wsiattack.attacks.oracle import MILHead, load_fold_head
 from wsiattack.attacks.params import normalise_attack, threat_marking
@@ -23,7 +23,6 @@ from wsiattack.extraction import extract_slide, reembed_slide
 from wsiattack.mil import MIL_MODELS, GatedABMIL, build_mil_model, save_mil_checkpoint
 from wsiattack.shards import partition, shard_of
 
-ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 CLASSES = ["normal", "tumor"]
 N_TILES, K = 12, 3
@@ -264,21 +263,7 @@ def _named(features_store, tmp_path):
 
 
 def dry_run_jobs(workdir: Path, target: str) -> dict[str, int]:
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-n",
-        target,
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "1",
-    ]
+    command = snakemake_command(workdir, "-n", target, cores=1, gpu_tokens=None)
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout + result.stderr

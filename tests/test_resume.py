@@ -8,41 +8,21 @@ Slow tier.
 import os
 import signal
 import subprocess
-import sys
 import time
 from base64 import urlsafe_b64decode
 from pathlib import Path
 
 import pytest
 import zarr
+from helpers import snakemake_command
 from small_tiny import write_small_tiny_config
 from wsiattack import stores
 from wsiattack.shards import partition
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 N_SLIDES, ATTACKS = 4, ("pgd", "noise")
 N_SHARDS = len(partition([f"demo_{i:03d}" for i in range(N_SLIDES)], n_shards=4))  # the default shard count
 N_ATTACK_JOBS = N_SHARDS * len(ATTACKS)
-
-
-def snakemake_command(workdir: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "snakemake",
-        *args,
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-        "--resources",
-        "gpu=2",
-    ]
 
 
 def finished_attack_stores(workdir: Path) -> list[Path]:

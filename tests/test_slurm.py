@@ -5,18 +5,16 @@ installs slurm-wlm and munge with apt-get when it runs as root).
 """
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import ROOT, run_snakemake, snakemake_command
 from live_slurm import LiveSlurm, unavailable_reason
 from small_tiny import write_small_tiny_config
 from wsiattack import cluster, stores
 from wsiattack.shards import partition, shard_of
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 LOCAL_RULES = cluster.local_rules(ROOT / "Snakefile")
 # Kills a hung run. The bar is 5 minutes for the whole test; the margin is for slower machines.
 HARD_TIMEOUT_S = 600
@@ -40,15 +38,7 @@ def slurm_run(slurm, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny_slurm")
     write_small_tiny_config(workdir / "config.yaml", n_slides=N_SLIDES, attacks=ATTACKS)
     command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
+        *snakemake_command(workdir, cores=None, gpu_tokens=None),
         "--workflow-profile",
         str(ROOT / "profiles" / "slurm"),
         # A one-node test cluster answers at once: poll it often instead of the profile's cluster pace.
@@ -102,24 +92,5 @@ def test_outputs_are_complete_and_consistent(slurm_run):
             )
     assert not list(results.rglob(".*.tmp-*"))  # no half-written output left anywhere
     # The local executor agrees that nothing is missing or stale.
-    dry = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "snakemake",
-            "-s",
-            str(ROOT / "Snakefile"),
-            "--directory",
-            str(workdir),
-            "--configfile",
-            str(workdir / "config.yaml"),
-            "--cores",
-            "1",
-            "--dry-run",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=workdir,
-    )
+    dry = run_snakemake(workdir, "--dry-run", cores=1, gpu_tokens=None, timeout_s=120)
     assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr

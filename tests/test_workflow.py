@@ -8,7 +8,6 @@ import io
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,42 +15,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import ROOT, ok, run_snakemake
 from small_tiny import TINY_CONFIG as TINY
 from wsiattack import stores
 from wsiattack.shards import partition, shard_of
 from wsiattack.tilereader import TileReader
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def snakemake(
-    workdir: Path, *args: str, config: Path | None = None, overlays: tuple[Path, ...] = ()
-) -> subprocess.CompletedProcess:
-    # gpu=2: on a CPU-only machine the GPU token must not serialise the torch jobs.
-    configs = [str(config or workdir / "config.yaml"), *map(str, overlays)]
-    command = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        *args,
-        "-s",
-        str(ROOT / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        *configs,
-        "--cores",
-        "2",
-        "--resources",
-        "gpu=2",
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=900)
-
-
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
+def snakemake(workdir: Path, *args: str, **options) -> subprocess.CompletedProcess:
+    return run_snakemake(workdir, *args, **options)
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +101,7 @@ def test_stores_agree_with_each_other(tiny):
 
 def test_positive_control_flips_slides_its_noise_control_does_not(tiny, tmp_path):
     """The gray-box oracle must move slides if the chain can see an effect; noise of its bound must not."""
-    run = tmp_path / "tiny"  # a copy: the shared run keeps its own attacks (the planning test counts their jobs)
-    shutil.copytree(tiny, run, symlinks=True)
+    run = copy_of_run(tiny, tmp_path)  # the shared run keeps its own attacks (the planning test counts their jobs)
     overlay = ROOT / "tests" / "configs" / "positive_control_tiny.yaml"
     evaluated = {
         name: Path("results/eval/demo_trained/abmil") / f"{name}.csv"
@@ -205,13 +178,22 @@ def changed_benchmarks(workdir: Path, since: float) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*.tsv") if p.stat().st_mtime > since}
 
 
-def test_editing_one_attack_reruns_only_that_attack(tiny):
-    config = yaml.safe_load((tiny / "config.yaml").read_text())
+def copy_of_run(tiny: Path, tmp_path: Path) -> Path:
+    """A copy of the finished tiny run (outputs, mtimes and Snakemake's metadata): tests that edit
+    the config or add outputs work on their own, so no later test depends on their order."""
+    run = tmp_path / "tiny"
+    shutil.copytree(tiny, run, symlinks=True)
+    return run
+
+
+def test_editing_one_attack_reruns_only_that_attack(tiny, tmp_path):
+    run = copy_of_run(tiny, tmp_path)
+    config = current_config(run)
     config["attacks"]["pgd"]["eps"] = "2/255"
-    (tiny / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
     since = time.time()
-    ok(snakemake(tiny))
-    ran = changed_benchmarks(tiny, since)
+    ok(snakemake(run))
+    ran = changed_benchmarks(run, since)
     rules = {name.split("/")[0] for name in ran}
     assert rules == {
         "attack",
@@ -227,7 +209,7 @@ def test_editing_one_attack_reruns_only_that_attack(tiny):
     assert len([n for n in ran if n.startswith("attack/")]) == len(tiny_shards(tiny))  # one job per shard
     shard = shard_of("demo_000", n_shards=config.get("shards", 4))
     adv = stores.open_store(
-        tiny / "results" / "attacks" / "pgd" / "demo_trained" / shard / "demo_000.zarr", kind=stores.ATTACK
+        run / "results" / "attacks" / "pgd" / "demo_trained" / shard / "demo_000.zarr", kind=stores.ATTACK
     )
     assert adv.attrs["attack"]["eps"] == pytest.approx(2 / 255) and float(np.max(adv["linf"][...])) <= 2 / 255 + 1e-7
 
