@@ -11,7 +11,7 @@ import huggingface_hub.constants
 import pytest
 import torch
 from helpers import ROOT
-from wsiattack.encoders import registry
+from wsiattack.encoders import custom, preflight, registry
 from wsiattack.encoders.model import TileEncoder, build_architecture, build_encoder
 from wsiattack.errors import EncoderError
 
@@ -117,7 +117,7 @@ def test_loader_package_missing_says_what_to_install(name, install, tmp_path):
     checkpoint.write_bytes(b"")
     for attempt in (
         lambda: build_encoder(name, checkpoint=str(checkpoint)),
-        lambda: registry.preflight(name, checkpoint=None),
+        lambda: preflight.preflight(name, checkpoint=None),
     ):
         with pytest.raises(
             EncoderError, match=rf"encoder '{name}' needs the package .*which is not installed: {re.escape(install)}"
@@ -130,38 +130,38 @@ def test_preflight_refuses_a_gated_model_without_token(no_hub_access):
         EncoderError,
         match=r"encoder 'uni2_h': its weights are gated .* terms at https://huggingface.co/MahmoodLab/UNI2-h and set HF_TOKEN .* or set a local checkpoint path",
     ):
-        registry.preflight("uni2_h", checkpoint=None)
-    registry.preflight("resnet50_trunc", checkpoint=None)  # not gated
-    registry.preflight("demo", checkpoint=None)
+        preflight.preflight("uni2_h", checkpoint=None)
+    preflight.preflight("resnet50_trunc", checkpoint=None)  # not gated
+    preflight.preflight("demo", checkpoint=None)
 
 
 def test_preflight_passes_with_token_checkpoint_or_cached_weights(no_hub_access, monkeypatch, tmp_path):
     checkpoint = tmp_path / "uni.bin"
     checkpoint.write_bytes(b"x")
-    registry.preflight("uni", checkpoint=str(checkpoint))
+    preflight.preflight("uni", checkpoint=str(checkpoint))
     with pytest.raises(EncoderError, match=r"encoder 'uni': checkpoint .*missing.bin does not exist"):
-        registry.preflight("uni", checkpoint=str(tmp_path / "missing.bin"))
+        preflight.preflight("uni", checkpoint=str(tmp_path / "missing.bin"))
     snapshot = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--MahmoodLab--UNI"
     (snapshot / "snapshots" / "abc").mkdir(parents=True)
     (snapshot / "snapshots" / "abc" / "pytorch_model.bin").write_bytes(b"x")
     (snapshot / "refs").mkdir()
     (snapshot / "refs" / "main").write_text("abc")
-    registry.preflight("uni", checkpoint=None)  # downloaded once: works offline without token
+    preflight.preflight("uni", checkpoint=None)  # downloaded once: works offline without token
     with pytest.raises(EncoderError):
-        registry.preflight("uni2_h", checkpoint=None)
+        preflight.preflight("uni2_h", checkpoint=None)
     monkeypatch.setenv("HF_TOKEN", "hf_dummy")
-    registry.preflight("uni2_h", checkpoint=None)
+    preflight.preflight("uni2_h", checkpoint=None)
 
 
 def test_registry_and_preflight_do_not_import_torch(tmp_path):
     code = (
         "import sys; sys.path.insert(0, 'workflow_scripts')\n"
-        "from wsiattack.encoders import registry\n"
+        "from wsiattack.encoders import custom, preflight\n"
         "from wsiattack.errors import EncoderError\n"
-        "registry.preflight('resnet50_trunc', checkpoint=None)\n"
-        "try:\n    registry.preflight('uni', checkpoint=None)\nexcept EncoderError:\n    pass\n"
+        "preflight.preflight('resnet50_trunc', checkpoint=None)\n"
+        "try:\n    preflight.preflight('uni', checkpoint=None)\nexcept EncoderError:\n    pass\n"
         "else:\n    raise SystemExit('gated model passed without token')\n"
-        "registry.custom_spec('mine', {'factory': 'a.b:c', 'input_px': 224, 'embed_dim': 8, 'readout': 'output'})\n"
+        "custom.custom_spec('mine', {'factory': 'a.b:c', 'input_px': 224, 'embed_dim': 8, 'readout': 'output'})\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_HUB_CACHE": str(tmp_path)}
@@ -181,11 +181,11 @@ CUSTOM = {
 
 
 def test_custom_spec_from_a_mapping():
-    spec = registry.custom_spec("mine", CUSTOM)
+    spec = custom.custom_spec("mine", CUSTOM)
     assert (spec.architecture, spec.loader, spec.weights) == ("mypkg.models:build", "factory", "factory")
     assert (spec.input_px, spec.mean, spec.std, spec.embed_dim) == (224, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 768)
     assert (spec.readout, spec.precision, dict(spec.build_kwargs)) == ("cls+mean", "bfloat16", {"depth": 2})
-    minimal = registry.custom_spec("m2", {"factory": "a:b", "input_px": 256, "embed_dim": 3, "readout": "output"})
+    minimal = custom.custom_spec("m2", {"factory": "a:b", "input_px": 256, "embed_dim": 3, "readout": "output"})
     assert minimal.mean == registry.IMAGENET_MEAN and minimal.precision == "float32"
 
 
@@ -208,16 +208,16 @@ def test_custom_spec_from_a_mapping():
 )
 def test_custom_spec_rejects_bad_entries(change, message):
     with pytest.raises(EncoderError, match=rf"custom encoder 'mine': {message}"):
-        registry.custom_spec("mine", {**CUSTOM, **change})
+        custom.custom_spec("mine", {**CUSTOM, **change})
 
 
 def test_custom_spec_name_and_required_keys():
     with pytest.raises(EncoderError, match=r"custom encoder 'uni': the name is taken by a registry encoder"):
-        registry.custom_spec("uni", CUSTOM)
+        custom.custom_spec("uni", CUSTOM)
     with pytest.raises(EncoderError, match=r"custom encoder 'a/b': names are letters"):
-        registry.custom_spec("a/b", CUSTOM)
+        custom.custom_spec("a/b", CUSTOM)
     with pytest.raises(EncoderError, match=r"custom encoder 'mine': missing key 'embed_dim'"):
-        registry.custom_spec("mine", {k: v for k, v in CUSTOM.items() if k != "embed_dim"})
+        custom.custom_spec("mine", {k: v for k, v in CUSTOM.items() if k != "embed_dim"})
 
 
 def test_custom_factory_module_missing_fails_preflight():
@@ -225,4 +225,4 @@ def test_custom_factory_module_missing_fails_preflight():
         EncoderError,
         match=r"custom encoder 'mine': cannot find module 'mypkg.models' .* install it or add it to PYTHONPATH",
     ):
-        registry.preflight("mine", checkpoint=None, custom=CUSTOM)
+        preflight.preflight("mine", checkpoint=None, custom=CUSTOM)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "workflow_scripts"))
 from wsiattack import extraction, runtime, stores  # noqa: E402
 from wsiattack.attacks.perturb import perturb_slide  # noqa: E402
 from wsiattack.config import check_attack_entry  # noqa: E402
-from wsiattack.encoders import registry  # noqa: E402
+from wsiattack.encoders import custom  # noqa: E402
 from wsiattack.encoders.model import TileEncoder, build_architecture, build_encoder  # noqa: E402
 from wsiattack.synthetic import render_slide  # noqa: E402
 
@@ -73,7 +73,7 @@ def random_weights_encoder(name: str) -> TileEncoder:
     nothing to attack. The check sets those scales to 1, as training moves them away from 1e-5."""
     if name == "demo":
         return build_encoder("demo")
-    spec = registry.resolve_spec(name)
+    spec = custom.resolve_spec(name)
     backbone = build_architecture(spec).float()
     with torch.no_grad():
         for module in backbone.modules():

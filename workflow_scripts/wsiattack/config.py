@@ -59,7 +59,7 @@ def _normalise_attacks(config: dict[str, Any]) -> None:
 
 def _check_encoders(config: dict[str, Any]) -> None:
     """Every listed encoder is known, and its weights can be had (checked before any job runs)."""
-    from wsiattack.encoders import registry  # torch-free
+    from wsiattack.encoders import preflight, registry  # torch-free
     from wsiattack.errors import EncoderError
 
     custom = config["custom_encoders"]
@@ -70,7 +70,7 @@ def _check_encoders(config: dict[str, Any]) -> None:
                 f"config: encoders: unknown encoder {name!r} (known: {known}; or define it under custom_encoders)"
             )
         try:
-            registry.preflight(name, **{k: v for k, v in encoder_spec(config, name).items() if k != "name"})
+            preflight.preflight(name, **{k: v for k, v in encoder_spec(config, name).items() if k != "name"})
         except EncoderError as error:
             raise ConfigError(f"config: encoders: {error}") from None
     for name in config["encoder_weights"]:

@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from wsiattack.encoders import registry
+from wsiattack.encoders import preflight, registry
 from wsiattack.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def usable_registry_encoders() -> list[str]:
     """Registry encoders whose loader is installed here (the others cannot pass preflight)."""
-    return [name for name, spec in registry.ENCODERS.items() if registry.missing_requirement(spec) is None]
+    return [name for name, spec in registry.ENCODERS.items() if preflight.missing_requirement(spec) is None]
 
 
 def study_config(*, n_encoders: int, n_attacks: int, n_shards: int, samples: str, checkpoint: str) -> dict:

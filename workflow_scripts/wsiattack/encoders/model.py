@@ -29,8 +29,9 @@ from timm.layers import SwiGLUPacked
 from torch import nn
 
 from wsiattack import runtime
-from wsiattack.encoders import registry, weights
-from wsiattack.encoders.registry import EncoderSpec, get_spec  # noqa: F401  (re-exported)
+from wsiattack.encoders import preflight, weights
+from wsiattack.encoders.custom import resolve_spec
+from wsiattack.encoders.registry import HUB_URL, EncoderSpec, get_spec  # noqa: F401  (re-exported)
 from wsiattack.encoders.weights import state_dict_sha256
 from wsiattack.errors import EncoderError
 
@@ -142,7 +143,7 @@ _TIMM_LAYERS = {"swiglu_packed": SwiGLUPacked}
 
 def build_architecture(spec: EncoderSpec, *, device: torch.device | str = "cpu") -> nn.Module:
     """The spec's network with fresh weights on ``device`` (``"meta"``: shapes only, no memory)."""
-    problem = registry.missing_requirement(spec)
+    problem = preflight.missing_requirement(spec)
     if problem:
         raise EncoderError(problem)
     with torch.device(device):
@@ -221,10 +222,10 @@ def build_encoder(
     """Build an encoder on the CPU in eval mode with frozen float32 parameters.
 
     ``checkpoint``: local weights (a .safetensors/.bin/.pth file or a folder holding one), used
-    instead of the hub. ``custom``: a custom spec (``registry.custom_spec``) or its mapping.
+    instead of the hub. ``custom``: a custom spec (``encoders.custom.custom_spec``) or its mapping.
     """
-    spec = registry.resolve_spec(name, custom=custom)
-    registry.preflight(name, checkpoint=checkpoint, custom=spec)
+    spec = resolve_spec(name, custom=custom)
+    preflight.preflight(name, checkpoint=checkpoint, custom=spec)
     backbone, source = _backbone_with_weights(spec, checkpoint)
     backbone = backbone.float()  # gradients in float32; autocast lowers precision for extraction only
     digest = state_dict_sha256(_weights_module(backbone))[:16]
@@ -242,7 +243,7 @@ def _backbone_with_weights(spec: EncoderSpec, checkpoint: str | None) -> tuple[n
     elif spec.weights == "seeded":
         return _seeded_architecture(spec), "seeded"
     elif spec.weights == "bundled":
-        path = registry.bundled_weights(spec)
+        path = preflight.bundled_weights(spec)
         source = f"bundled:{path.name}"
     elif spec.weights == "factory":
         return build_architecture(spec), f"factory:{spec.architecture}"
@@ -303,7 +304,7 @@ def _trident_pretrained(spec: EncoderSpec, path: Path, *, source: str) -> nn.Mod
         model, _ = create_model_from_pretrained(checkpoint_path=str(path), img_size=spec.input_px)
     except (RuntimeError, KeyError, ValueError) as error:
         raise EncoderError(
-            f"encoder {spec.name!r}: checkpoint {source} does not load into {spec.architecture} ({str(error)[:200]}); use {registry.HUB_URL}/{spec.hub_repo}'s pytorch_model_vision.bin"
+            f"encoder {spec.name!r}: checkpoint {source} does not load into {spec.architecture} ({str(error)[:200]}); use {HUB_URL}/{spec.hub_repo}'s pytorch_model_vision.bin"
         ) from error
     return model
 

@@ -10,23 +10,18 @@ The architecture facts of each entry are stated here, not read from the hub at r
 an architecture can be built (and checked) offline and a local checkpoint needs no config file.
 Each entry cites the model card or maintainers' code its facts come from.
 
-``preflight`` fails fast, before any tile is read, when the weights cannot possibly be had.
+Custom encoders (a user's own factory) are checked in ``encoders.custom``; ``encoders.preflight``
+fails fast, before any tile is read, when the weights cannot possibly be had.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from wsiattack.errors import EncoderError
-from wsiattack.names import is_valid_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -381,196 +376,3 @@ def get_spec(name: str) -> EncoderSpec:
         return ENCODERS[name]
     except KeyError:
         raise EncoderError(f"unknown encoder {name!r} (known: {', '.join(ENCODERS)})") from None
-
-
-def resolve_spec(name: str, *, custom: EncoderSpec | Mapping[str, Any] | None = None) -> EncoderSpec:
-    """The registry entry ``name``, or the custom spec given for it (a spec or its mapping)."""
-    if custom is None:
-        return get_spec(name)
-    spec = custom if isinstance(custom, EncoderSpec) else custom_spec(name, custom)
-    if spec.name != name:
-        raise EncoderError(f"custom encoder {name!r}: the spec given is named {spec.name!r}")
-    return spec
-
-
-# --- custom encoders: a user's own torch.nn.Module factory ---------------------------------------
-
-CUSTOM_KEYS = ("factory", "input_px", "mean", "std", "embed_dim", "readout", "precision", "kwargs")
-CUSTOM_REQUIRED = ("factory", "input_px", "embed_dim", "readout")
-_FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
-
-
-def custom_spec(name: str, mapping: Mapping[str, Any]) -> EncoderSpec:
-    """Validate a custom encoder entry (``{"factory": "pkg.mod:build", ...}``) into a spec.
-
-    ``kwargs`` go to the factory; mean/std default to ImageNet's; precision to float32.
-    """
-    where = f"custom encoder {name!r}"
-    _check_custom_keys(where, name, mapping)
-    return EncoderSpec(
-        name=name,
-        architecture=_factory_path(where, mapping["factory"]),
-        input_px=_positive_int(where, "input_px", mapping["input_px"]),
-        mean=_triple(where, "mean", mapping.get("mean", IMAGENET_MEAN), positive=False),
-        std=_triple(where, "std", mapping.get("std", IMAGENET_STD), positive=True),
-        readout=_choice(where, "readout", mapping["readout"], READOUTS),
-        embed_dim=_positive_int(where, "embed_dim", mapping["embed_dim"]),
-        precision=_choice(where, "precision", mapping.get("precision", "float32"), PRECISIONS),
-        weights="factory",
-        loader="factory",
-        build_kwargs=_json_kwargs(where, mapping.get("kwargs", {})),
-        source=f"factory {mapping['factory']}",
-    )
-
-
-def _check_custom_keys(where: str, name: str, mapping: Mapping[str, Any]) -> None:
-    if not is_valid_name(name):
-        raise EncoderError(f"{where}: names are letters, digits, '_', '.', '-' (used in output paths)")
-    if name in ENCODERS:
-        raise EncoderError(f"{where}: the name is taken by a registry encoder; choose another name")
-    if not isinstance(mapping, Mapping):
-        raise EncoderError(f"{where}: expected a mapping of {', '.join(CUSTOM_KEYS)}")
-    unknown = sorted(set(mapping) - set(CUSTOM_KEYS))
-    if unknown:
-        raise EncoderError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(CUSTOM_KEYS)})")
-    missing = [key for key in CUSTOM_REQUIRED if key not in mapping]
-    if missing:
-        raise EncoderError(f"{where}: missing key {missing[0]!r} (required: {', '.join(CUSTOM_REQUIRED)})")
-
-
-def _factory_path(where: str, value: Any) -> str:
-    if not isinstance(value, str) or not _FACTORY.match(value):
-        raise EncoderError(f"{where}: factory: {value!r} is not of the form 'package.module:function'")
-    return value
-
-
-def _positive_int(where: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise EncoderError(f"{where}: {key}: {value!r} is not a positive integer")
-    return value
-
-
-def _triple(where: str, key: str, value: Any, *, positive: bool) -> tuple[float, float, float]:
-    ok = isinstance(value, list | tuple) and len(value) == 3
-    ok = ok and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    if not ok or (positive and min(value) <= 0):
-        kind = "three positive numbers" if positive else "three numbers"
-        raise EncoderError(f"{where}: {key}: {value!r} is not {kind} (one per RGB channel)")
-    return (float(value[0]), float(value[1]), float(value[2]))
-
-
-def _choice(where: str, key: str, value: Any, allowed: tuple[str, ...]) -> Any:
-    if value not in allowed:
-        raise EncoderError(f"{where}: {key}: {value!r} is not one of {', '.join(allowed)}")
-    return value
-
-
-def _json_kwargs(where: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise EncoderError(f"{where}: kwargs: expected a mapping of argument names to values")
-    try:
-        return json.loads(json.dumps(dict(value)))
-    except (TypeError, ValueError):
-        raise EncoderError(f"{where}: kwargs: values must be plain (numbers, strings, lists, mappings)") from None
-
-
-# --- preflight: can the weights possibly be had? -----------------------------------------------
-
-
-def hub_token() -> str | None:
-    """The Hugging Face token from ``HF_TOKEN`` (never logged, never written anywhere)."""
-    token = os.environ.get("HF_TOKEN", "").strip()
-    return token or None
-
-
-def access_message(spec: EncoderSpec) -> str:
-    """What to do when gated hub weights cannot be fetched."""
-    return (
-        f"encoder {spec.name!r}: its weights are gated on the Hugging Face Hub: accept the model's terms at "
-        f"{HUB_URL}/{spec.hub_repo} and set HF_TOKEN to an access token of that account, or set a local "
-        f"checkpoint path (config encoder_weights: {{{spec.name}: /path/to/weights}})"
-    )
-
-
-def missing_requirement(spec: EncoderSpec) -> str | None:
-    """The install instruction if the spec's loader package is missing (checked without importing)."""
-    if spec.loader == "factory":
-        module = spec.architecture.split(":")[0]
-        if not _module_available(module):
-            return f"custom encoder {spec.name!r}: cannot find module {module!r} of factory {spec.architecture!r}; install it or add it to PYTHONPATH"
-        return None
-    requirement = LOADER_REQUIREMENTS.get(spec.loader)
-    if requirement and not _module_available(requirement[0]):
-        package = requirement[0].split(".")[0]
-        return f"encoder {spec.name!r} needs the package {package!r} (module {requirement[0]}), which is not installed: {requirement[1]}"
-    return None
-
-
-def preflight(name: str, *, checkpoint: str | None, custom: EncoderSpec | Mapping[str, Any] | None = None) -> None:
-    """Raise EncoderError now if the encoder's weights cannot possibly be available.
-
-    Checks, without torch and without the network: the loader package is installed, a local
-    checkpoint or bundled weights file exists, and a gated hub model has HF_TOKEN (or is already
-    in the local hub cache).
-    """
-    spec = resolve_spec(name, custom=custom)
-    problem = missing_requirement(spec)
-    if problem:
-        raise EncoderError(problem)
-    if checkpoint is None and spec.weights == "bundled":
-        bundled_weights(spec)
-    if checkpoint is not None:
-        if not Path(checkpoint).exists():
-            raise EncoderError(
-                f"encoder {name!r}: checkpoint {checkpoint} does not exist; fix the path "
-                f"(config encoder_weights.{name}) or remove it to use the encoder's published weights"
-            )
-        return
-    if spec.weights == "hub" and spec.gated and hub_token() is None and not hub_cached(spec):
-        raise EncoderError(access_message(spec))
-
-
-def bundled_weights(spec: EncoderSpec) -> Path:
-    """The packaged weights file of a ``bundled`` encoder; one clear error if it is missing."""
-    path = BUNDLED_DIR / str(spec.bundled_file)
-    if not path.is_file():
-        raise EncoderError(
-            f"encoder {spec.name!r}: its bundled weights {path} are missing; reinstall wsiattack (the file is "
-            f"package data) or rebuild it with: python -m wsiattack.encoders.demo_training --out {path}"
-        )
-    return path
-
-
-def hub_cached(spec: EncoderSpec) -> bool:
-    """True if one of the spec's weight files is already in the local Hugging Face cache."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    return any(isinstance(try_to_load_from_cache(spec.hub_repo, f), str) for f in spec.hub_files)
-
-
-def _module_available(dotted: str) -> bool:
-    """Whether ``dotted`` can be imported, looked up on disk without importing the package.
-
-    (``trident`` on PyPI is an unrelated package, so the submodule path is what counts.)
-    """
-    if dotted in sys.modules:
-        return True
-    top, *rest = dotted.split(".")
-    try:
-        found = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        return False
-    if found is None:
-        return False
-    locations = [Path(p) for p in (found.submodule_search_locations or [])]
-    for i, part in enumerate(rest):
-        last = i == len(rest) - 1
-        candidates = [loc / part for loc in locations]
-        if last and any(c.with_suffix(".py").is_file() or (c / "__init__.py").is_file() for c in candidates):
-            return True
-        locations = [c for c in candidates if c.is_dir()]
-        if not locations:
-            return False
-    return not rest

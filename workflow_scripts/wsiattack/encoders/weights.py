@@ -26,7 +26,8 @@ from huggingface_hub.errors import (
 from safetensors.torch import load_file
 from torch import nn
 
-from wsiattack.encoders.registry import HUB_URL, EncoderSpec, access_message, hub_token
+from wsiattack.encoders.preflight import access_message, hub_token
+from wsiattack.encoders.registry import HUB_URL, EncoderSpec
 from wsiattack.errors import EncoderError
 
 log = logging.getLogger(__name__)
