@@ -1,10 +1,11 @@
 """Rule train_mil: one MIL head on the clean features of one fold's training slides."""
 
-from wsiattack import evaluation, rulekit, stores
+from wsiattack import rulekit, stores
+from wsiattack.mil.folds import train_fold
 
 
 def main(smk, spec):
-    evaluation.train_fold(
+    train_fold(
         splits_csv=smk.input.splits,
         feature_stores=stores.slide_stores(smk.input.features),
         spec=spec,

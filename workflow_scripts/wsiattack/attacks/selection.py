@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from wsiattack.attacks.bounds import Ball
-from wsiattack.attacks.methods import Problem, attack_mode
+from wsiattack.attacks.driver import Problem, attack_mode
 from wsiattack.attacks.objectives import ObjectiveFn
 from wsiattack.attacks.params import GRAY_BOX_SELECTIONS, SELECTIONS  # noqa: F401  (re-exported)
 from wsiattack.encoders.model import iter_batches, to_unit_pixels
