@@ -83,32 +83,35 @@ def _instance_weights(instance_logits: Tensor, logits: Tensor) -> Tensor:
     return torch.softmax(instance_logits[:, logits.argmax()], dim=0)
 
 
-class MeanPool(MILModel):
+class _InstancePool(MILModel):
+    """Per-tile class scores of an embedded tile, pooled over the bag by ``pool`` (no attention)."""
+
+    def __init__(self, *, in_dim: int, n_classes: int, hidden_dim: int = 128, dropout: float = 0.25) -> None:
+        super().__init__(in_dim=in_dim, n_classes=n_classes, hparams={"hidden_dim": hidden_dim, "dropout": dropout})
+        self.embed = _embedding(in_dim, hidden_dim, dropout)
+        self.classifier = nn.Linear(hidden_dim, n_classes)
+
+    def bag_forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        instance_logits = self.classifier(self.embed(features))
+        logits = self.pool(instance_logits)
+        return logits, _instance_weights(instance_logits, logits)
+
+    def pool(self, instance_logits: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class MeanPool(_InstancePool):
     """Mean pooling: logits = classifier(mean_i h_i) = mean_i classifier(h_i) (the head is linear)."""
 
-    def __init__(self, *, in_dim: int, n_classes: int, hidden_dim: int = 128, dropout: float = 0.25) -> None:
-        super().__init__(in_dim=in_dim, n_classes=n_classes, hparams={"hidden_dim": hidden_dim, "dropout": dropout})
-        self.embed = _embedding(in_dim, hidden_dim, dropout)
-        self.classifier = nn.Linear(hidden_dim, n_classes)
-
-    def bag_forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        instance_logits = self.classifier(self.embed(features))
-        logits = instance_logits.mean(dim=0)
-        return logits, _instance_weights(instance_logits, logits)
+    def pool(self, instance_logits: Tensor) -> Tensor:
+        return instance_logits.mean(dim=0)
 
 
-class MaxPool(MILModel):
+class MaxPool(_InstancePool):
     """Max pooling: per-tile class scores, the slide's logit of each class is its highest tile's."""
 
-    def __init__(self, *, in_dim: int, n_classes: int, hidden_dim: int = 128, dropout: float = 0.25) -> None:
-        super().__init__(in_dim=in_dim, n_classes=n_classes, hparams={"hidden_dim": hidden_dim, "dropout": dropout})
-        self.embed = _embedding(in_dim, hidden_dim, dropout)
-        self.classifier = nn.Linear(hidden_dim, n_classes)
-
-    def bag_forward(self, features: Tensor) -> tuple[Tensor, Tensor]:
-        instance_logits = self.classifier(self.embed(features))
-        logits = instance_logits.max(dim=0).values
-        return logits, _instance_weights(instance_logits, logits)
+    def pool(self, instance_logits: Tensor) -> Tensor:
+        return instance_logits.max(dim=0).values
 
 
 class GatedAttention(nn.Module):
