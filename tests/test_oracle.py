@@ -291,3 +291,30 @@ def test_dry_run_attention_attack_waits_for_the_heads_random_does_not(tmp_path):
         jobs = dry_run_jobs(tmp_path, f"results/attacks/{attack}/demo/{shard}")
         assert jobs == {"tile": len(members), "extract": len(members), "split": 1, "train_mil": 2, "attack": 1}, jobs
     assert dry_run_jobs(tmp_path, f"results/attacks/rnd/demo/{shard}") == {"tile": 1, "attack": 1}  # its own shard only
+
+
+def test_oracle_batches_see_the_earlier_batches_adversarial_rows(tmp_path, slide, monkeypatch):
+    """With k > ATTACK_BATCH the attack is joint, batch by batch: each batch's bag holds the
+    stored adversarial embeddings of the batches before it, and the clean features of the rest."""
+    from wsiattack.attacks import perturb as perturb_module
+
+    _, _, encoder, features = slide
+    monkeypatch.setattr(perturb_module, "ATTACK_BATCH", 1)
+    seen = []
+    original = MILHead.objective_for
+
+    def spy(self, *, bag, rows):
+        seen.append((bag.clone(), rows.clone()))
+        return original(self, bag=bag, rows=rows)
+
+    monkeypatch.setattr(MILHead, "objective_for", spy)
+    mil_head = MILHead(module=head(seed=3).requires_grad_(False), target=0, provenance={"model": "abmil", "fold": 0})
+    store = perturb(tmp_path, slide, spec(objective="mil_cross_entropy", steps=3), "ce.zarr", mil_head=mil_head)
+    index = store["index"][...]
+    with torch.no_grad():
+        adversarial = encoder(torch.as_tensor(store["adv_tiles"][...]).permute(0, 3, 1, 2).float() / 255).float()
+    assert len(seen) == K
+    for batch, (bag, rows) in enumerate(seen):
+        assert rows.tolist() == [index[batch]]
+        torch.testing.assert_close(bag[index[:batch]], adversarial[:batch])  # earlier batches: attacked
+        torch.testing.assert_close(bag[index[batch:]], torch.as_tensor(features[index[batch:]]))  # the rest: clean

@@ -10,8 +10,8 @@ fold of the head, for the gray-box attacks). The full list is in ``stores``.
 Gray-box attacks (selection ``attention``, objective ``mil_cross_entropy``) get ``mil_head``:
 the head of the fold in which the slide is a test slide (``oracle.load_fold_head``); both use
 the slide's clean features store as the bag. The oracle objective is bound per batch of
-``ATTACK_BATCH`` tiles: the other rows of the bag, including the selected tiles of other
-batches, stay at their clean features.
+``ATTACK_BATCH`` tiles: the selected tiles of earlier batches enter the bag as their rounded
+adversarial embeddings, those of later batches are still clean (``_BatchObjectives``).
 
 Wall time is logged (per batch and per tile), not stored: the store is a pure function of the
 config, the encoder and the tiles ("same config, same bytes"), so a re-run can be compared
@@ -122,22 +122,23 @@ def _perturb_tiles(
     )
     chosen = _select(spec["selection"], k=k, rng=rng, context=context)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    objective_of = _objective_binder(objective, context=context, index=chosen.index)
+    objectives = _BatchObjectives(objective, context=context, index=chosen.index)
 
     started = time.perf_counter()
     clean_uint8 = np.asarray(tiles.get_orthogonal_selection((chosen.index,)))  # one read of k tiles
-    batches = [
-        _attack_batch(
+    batches = []
+    for s in range(0, k, ATTACK_BATCH):
+        arrays, adversarial_embedding = _attack_batch(
             encoder,
             clean_uint8[s : s + ATTACK_BATCH],
             method=method,
-            objective_fn=objective_of(s),
+            objective_fn=objectives.for_batch(s),
             generator=generator,
             device=device,
             label=f"{slide_id}[{s}:{s + ATTACK_BATCH}]",
         )
-        for s in range(0, k, ATTACK_BATCH)
-    ]
+        objectives.record(s, adversarial_embedding)
+        batches.append(arrays)
     merged = {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
     seconds = time.perf_counter() - started
     log.info(
@@ -254,16 +255,30 @@ def _checked_head(mil_head: MILHead | None, *, spec: Mapping[str, Any], slide_id
     return mil_head
 
 
-def _objective_binder(objective: Objective, *, context: _SelectionContext, index: np.ndarray):
-    """batch start -> the objective callable of that batch (the oracle's depends on the batch's rows)."""
-    if not objective.needs_mil_head:
-        return lambda start: objective.fn
-    features = context.features(required_by=f"objective {objective.name!r}")
-    context.mil_head.check_bag(features.shape[1], where=str(context.features_store))
-    context.mil_head.module.to(context.device)
-    bag = torch.as_tensor(features, dtype=torch.float32, device=context.device)
-    rows = torch.as_tensor(index, device=context.device)
-    return lambda start: context.mil_head.objective_for(bag=bag, rows=rows[start : start + ATTACK_BATCH])
+class _BatchObjectives:
+    """The objective of each batch. Label-free: the same per-tile distance for every batch. Oracle:
+    the slide's cross-entropy on a bag in which the batch's rows are the embeddings being
+    optimised, the rows of earlier batches their stored (rounded) adversarial embeddings, and the
+    rest clean: a greedy joint attack, batch by batch (one batch when k <= ATTACK_BATCH)."""
+
+    def __init__(self, objective: Objective, *, context: _SelectionContext, index: np.ndarray):
+        self.objective, self.context, self.bag = objective, context, None
+        if objective.needs_mil_head:
+            features = context.features(required_by=f"objective {objective.name!r}")
+            context.mil_head.check_bag(features.shape[1], where=str(context.features_store))
+            context.mil_head.module.to(context.device)
+            self.bag = torch.as_tensor(features, dtype=torch.float32, device=context.device).clone()
+            self.rows = torch.as_tensor(index, device=context.device)
+
+    def for_batch(self, start: int) -> ObjectiveFn:
+        if self.bag is None:
+            return self.objective.fn
+        return self.context.mil_head.objective_for(bag=self.bag, rows=self.rows[start : start + ATTACK_BATCH])
+
+    def record(self, start: int, adversarial_embedding: torch.Tensor) -> None:
+        """The batch's adversarial embeddings replace its clean rows for the batches after it."""
+        if self.bag is not None:
+            self.bag[self.rows[start : start + ATTACK_BATCH]] = adversarial_embedding.to(self.bag.dtype)
 
 
 def _vulnerability_selection(context: _SelectionContext, *, k: int) -> sel.Selection:
@@ -294,7 +309,8 @@ def _attack_batch(
     generator: torch.Generator,
     device: torch.device,
     label: str,
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """The batch's store arrays, and the embeddings of its rounded adversarial tiles."""
     started = time.perf_counter()
     clean = to_unit_pixels(clean_uint8).to(device)
     with torch.no_grad():
@@ -303,7 +319,8 @@ def _attack_batch(
     clean_levels = channels_first(clean_uint8).to(device)
     adv_uint8 = method.ball.quantize(outcome.adversarial, clean_levels)
     with torch.no_grad():
-        after_rounding = objective_fn(encoder(adv_uint8.float() / 255).float(), reference)
+        adversarial_embedding = encoder(adv_uint8.float() / 255).float()
+        after_rounding = objective_fn(adversarial_embedding, reference)
     delta = (adv_uint8.float() - clean_levels.float()).flatten(1) / 255  # exact grey-level steps
     log.info(
         "%s: %d tiles in %.2f s (%.2f s/tile, %d gradient evaluations each)",
@@ -313,7 +330,7 @@ def _attack_batch(
         (time.perf_counter() - started) / len(clean),
         int(outcome.iterations[0]),
     )
-    return {
+    arrays = {
         "adv_tiles": adv_uint8.permute(0, 2, 3, 1).cpu().numpy(),
         "linf": delta.abs().amax(dim=1).cpu().numpy().astype(np.float32),
         "l2": delta.norm(dim=1).cpu().numpy().astype(np.float32),
@@ -322,6 +339,7 @@ def _attack_batch(
         "iterations": outcome.iterations.cpu().numpy().astype(np.int32),
         "best_step": outcome.best_step.cpu().numpy().astype(np.int32),
     }
+    return arrays, adversarial_embedding
 
 
 def _attrs(
