@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from wsiattack.attacks.methods import APGD, FGSM, MIFGSM, PGD, CarliniWagnerL2, UniformNoise, build_method
 from wsiattack.attacks.objectives import cosine_distance, l2_distance
-from wsiattack.encoders.model import build_encoder, channels_first, to_unit_pixels
+from wsiattack.encoders.embedding import channels_first, to_unit_pixels
+from wsiattack.encoders.model import build_encoder
 from wsiattack.errors import AttackError
 from wsiattack.synthetic import render_slide
 

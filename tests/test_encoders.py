@@ -17,16 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 from wsiattack import extraction, runtime, stores
 from wsiattack.encoders import registry, weights
-from wsiattack.encoders.model import (
-    TileEncoder,
-    _device_pixels,
-    build_architecture,
-    build_encoder,
-    embed_tiles,
-    iter_batches,
-    state_dict_sha256,
-    to_unit_pixels,
-)
+from wsiattack.encoders.embedding import _device_pixels, embed_tiles, iter_batches, to_unit_pixels
+from wsiattack.encoders.model import TileEncoder, build_architecture, build_encoder, state_dict_sha256
 from wsiattack.errors import ConfigError, EncoderError
 
 DEMO_WEIGHTS_ID = "seeded:0:sha256:65319c0552bf38c6"  # must never change: features stores record it (same on every CPU)

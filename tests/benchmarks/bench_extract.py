@@ -55,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
 
 from wsiattack import extraction, stores, tiling  # noqa: E402
-from wsiattack.encoders.model import TileEncoder, build_encoder, to_unit_pixels  # noqa: E402
+from wsiattack.encoders.embedding import to_unit_pixels  # noqa: E402
+from wsiattack.encoders.model import TileEncoder, build_encoder  # noqa: E402
 from wsiattack.tilereader import TileReader  # noqa: E402
 
 TILE_PX = 224

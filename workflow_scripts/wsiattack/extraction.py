@@ -15,7 +15,8 @@ import torch
 
 from wsiattack import stores
 from wsiattack.attacks.params import threat_marking
-from wsiattack.encoders.model import TileEncoder, embed_tiles
+from wsiattack.encoders.embedding import embed_tiles
+from wsiattack.encoders.model import TileEncoder
 from wsiattack.tilereader import TileReader
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ from wsiattack.attacks.methods import Method, build_method
 from wsiattack.attacks.objectives import Objective, ObjectiveFn
 from wsiattack.attacks.oracle import MILHead
 from wsiattack.attacks.params import method_params, threat_marking, uses_mil_head
-from wsiattack.encoders.model import TileEncoder, channels_first, to_unit_pixels
+from wsiattack.encoders.embedding import channels_first, to_unit_pixels
+from wsiattack.encoders.model import TileEncoder
 from wsiattack.errors import AttackError, StoreError
 from wsiattack.tilereader import TileReader
 

@@ -31,7 +31,7 @@ from wsiattack.attacks.bounds import Ball
 from wsiattack.attacks.driver import Problem, attack_mode
 from wsiattack.attacks.objectives import ObjectiveFn
 from wsiattack.attacks.params import GRAY_BOX_SELECTIONS, SELECTIONS  # noqa: F401  (re-exported)
-from wsiattack.encoders.model import iter_batches, to_unit_pixels
+from wsiattack.encoders.embedding import iter_batches, to_unit_pixels
 from wsiattack.errors import AttackError
 from wsiattack.mil.training import predict_bag
 
