@@ -2,6 +2,7 @@
 #
 #   slides --tile--> tiles (coordinates) --extract--> clean features --train_mil--> MIL heads (k-fold)
 #            tiles --attack: perturb k tiles, re-embed them--> adversarial tiles + k new feature rows
+#            (transfer: perturb_surrogate on the surrogate, then reembed per target; shuffle: controls)
 #   MIL heads + clean/attacked bags --evaluate--> per-slide CSV --summarize--> summary.csv, plots
 #
 # Read from here down: rules/common.smk holds the config and sample-sheet handling, then one
@@ -38,6 +39,7 @@ localrules:
     plot_heatmaps,
     vulnerability,
     plot_examples,
+    transfer_matrix,
 
 
 rule all:
@@ -47,6 +49,7 @@ rule all:
         "results/skipped_slides.csv",
         "results/plots/metrics.png",
         "results/plots/factors.png",
+        ["results/transfer.csv", "results/plots/transfer.png"] if "transfer" in CONFIG else [],
         expand("results/plots/examples/{attack}/{encoder}.png", attack=ATTACKS, encoder=ENCODERS),
         expand("results/plots/vulnerability/{encoder}/{attack}.png", attack=ATTACKS, encoder=ENCODERS),
         expand(

@@ -3,6 +3,7 @@
 import functools
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
 from wsiattack import config as wsiconfig
-from wsiattack.attacks.params import uses_mil_head
+from wsiattack.attacks.params import is_derived, uses_mil_head
 from wsiattack.names import NAME_PATTERN
 from wsiattack.samples import read_samples
 from wsiattack.shards import SHARD_PATTERN, partition
@@ -21,6 +22,12 @@ CONFIG = wsiconfig.validate_config(config)
 USES_DEMO = CONFIG["samples"] == wsiconfig.DEMO_SAMPLES
 ENCODERS = CONFIG["encoders"]
 ATTACKS = list(CONFIG["attacks"])
+# Which rules make an attack's stores (rules/attack.smk): perturb + re-embed in one job (direct),
+# or perturbed on a surrogate / shuffled from a source, then re-embedded per encoder (derived).
+DERIVED_ATTACKS = [name for name in ATTACKS if is_derived(CONFIG["attacks"][name])]
+DIRECT_ATTACKS = [name for name in ATTACKS if name not in DERIVED_ATTACKS]
+SHUFFLED_ATTACKS = [name for name in DERIVED_ATTACKS if CONFIG["attacks"][name]["method"] == "shuffled"]
+SURROGATE_ATTACKS = [name for name in DERIVED_ATTACKS if name not in SHUFFLED_ATTACKS]
 MIL_MODELS = CONFIG["mil"]["models"]
 FOLDS = list(range(CONFIG["mil"]["folds"]))
 
@@ -87,6 +94,11 @@ def spec(value):
     return wsiconfig.spec_json(value)
 
 
+def names_regex(names):
+    """A wildcard constraint that matches exactly these names (none: matches nothing)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
 def log_path(rule, *wildcard_names):
     parts = "_".join(f"{{{w}}}" for w in wildcard_names) or rule
     return f"results/logs/{rule}/{parts}.log"
@@ -130,6 +142,23 @@ def oracle_heads(wildcards):
         mil=entry["mil"],
         fold=FOLDS,
     )
+
+
+def attack_dir(attack, encoder, shard):
+    """Where the perturbed tiles that ``encoder`` re-embeds for ``attack`` are: a transfer attack's
+    (and its shuffled control's) on its surrogate, every other attack's on the encoder itself."""
+    surrogate = CONFIG["attacks"][attack].get("surrogate")
+    return f"results/attacks/{attack}/{surrogate or encoder}/{shard}"
+
+
+def derived_attack_dir(wildcards):
+    return attack_dir(wildcards.attack, wildcards.encoder, wildcards.shard)
+
+
+def shuffle_source(wildcards):
+    """The source attack's stores, perturbed with the same encoder (the surrogate, if any)."""
+    source = CONFIG["attacks"][wildcards.attack]["source"]
+    return f"results/attacks/{source}/{wildcards.encoder}/{wildcards.shard}"
 
 
 def clean_features(wildcards):

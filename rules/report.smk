@@ -119,12 +119,9 @@ rule vulnerability:
 rule plot_examples:
     input:
         tiles=lambda wildcards: expand("results/tiles/{shard}", shard=example_shards(wildcards)),
-        attacks=lambda wildcards: expand(
-            "results/attacks/{attack}/{encoder}/{shard}",
-            attack=wildcards.attack,
-            encoder=wildcards.encoder,
-            shard=example_shards(wildcards),
-        ),
+        attacks=lambda wildcards: [
+            attack_dir(wildcards.attack, wildcards.encoder, shard) for shard in example_shards(wildcards)
+        ],
     output:
         plot=report(
             "results/plots/examples/{attack}/{encoder}.png",
@@ -143,3 +140,21 @@ rule plot_examples:
         slides=example_slides,
     script:
         "../workflow_scripts/plot_examples.py"
+
+
+rule transfer_matrix:
+    input:
+        summary="results/summary.csv",
+    output:
+        table="results/transfer.csv",
+        plot=report("results/plots/transfer.png", caption="captions/transfer.rst", category="Summary"),
+    log:
+        log_path("transfer_matrix"),
+    benchmark:
+        benchmark_path("transfer_matrix")
+    conda:
+        "../envs/plots.yaml"
+    params:
+        spec=lambda wildcards: spec({"transfer": CONFIG.get("transfer"), "attacks": CONFIG["attacks"]}),
+    script:
+        "../workflow_scripts/transfer_matrix.py"

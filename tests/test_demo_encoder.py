@@ -47,6 +47,19 @@ def test_the_bundled_checkpoint_was_made_by_the_script_with_its_defaults():
     assert float(metadata["held_out_accuracy"]) > 0.9 and BUNDLED.stat().st_size <= 5_000_000  # the 5 MB cap
 
 
+def test_the_second_instance_is_the_same_training_from_seed_1():
+    second = registry.get_spec("demo_trained_seed1")
+    with safe_open(str(registry.BUNDLED_DIR / str(second.bundled_file)), "pt") as handle:
+        metadata = handle.metadata()
+    assert json.loads(metadata["training"]) == asdict(demo_training.TrainingConfig(seed=1))
+    assert metadata["command"].startswith(
+        "python -m wsiattack.encoders.demo_training --out demo_trained_seed1.safetensors --seed 1"
+    )
+    assert float(metadata["held_out_accuracy"]) > 0.9
+    assert (second.architecture, dict(second.build_kwargs)) == (SPEC.architecture, dict(SPEC.build_kwargs))
+    assert build_encoder("demo_trained_seed1").weights_id != build_encoder("demo_trained").weights_id
+
+
 def test_the_bundled_encoder_loads_through_the_registry_and_separates_tumour_from_normal():
     encoder = build_encoder("demo_trained")
     assert encoder.weights_source == "bundled:demo_trained.safetensors" and encoder.spec.embed_dim == 128

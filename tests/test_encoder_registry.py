@@ -48,12 +48,17 @@ def test_registry_holds_the_target_encoders_with_sources():
         "phikon_v2",
         "conch_v1_5",
         "resnet50_trunc",
+        "demo_seed1",
+        "demo_trained_seed1",
+        "resnet50_trunc_random",
     }
     for name, spec in registry.ENCODERS.items():
         assert spec.name == name and spec.readout in registry.READOUTS and spec.precision in registry.PRECISIONS
-        if name == "demo_trained":  # trained by a script here, shipped in the package
+        if name.startswith("demo_trained"):  # trained by a script here, shipped in the package
             assert spec.weights == "bundled" and "demo_training" in spec.source
-        elif name != "demo":
+        elif name.startswith("demo") or name.endswith("_random"):  # seeded random weights
+            assert spec.weights == "seeded" and spec.hub_repo is None
+        else:
             assert spec.source and spec.hub_repo and spec.weights == "hub"
 
 

@@ -207,19 +207,20 @@ def test_oracle_objective_raises_the_slide_cross_entropy_beyond_noise(tmp_path, 
     assert attack.attrs["mil_head"] == {"model": "abmil", "fold": 0}
 
 
-def test_threat_marking_is_decided_by_the_entry_alone():
-    assert threat_marking({"selection": "random", "objective": "cosine"}) == {
+def test_threat_marking_is_decided_by_the_entry_and_the_evaluating_encoder():
+    white = {"label_free": True, "threat_model": "white-box", "surrogate": ""}
+    gray = {"label_free": False, "threat_model": "gray-box", "surrogate": ""}
+    assert threat_marking({"selection": "random", "objective": "cosine"}) == white
+    assert threat_marking({"selection": "attention", "objective": "l2"}) == gray
+    assert threat_marking({"selection": "centrality", "objective": "mil_cross_entropy"}) == gray
+    transfer = {"selection": "random", "objective": "cosine", "surrogate": "demo"}
+    assert threat_marking(transfer, encoder="demo_trained") == {
         "label_free": True,
-        "threat_model": "white-box",
+        "threat_model": "black-box (transfer)",
+        "surrogate": "demo",
     }
-    assert threat_marking({"selection": "attention", "objective": "l2"}) == {
-        "label_free": False,
-        "threat_model": "gray-box",
-    }
-    assert threat_marking({"selection": "centrality", "objective": "mil_cross_entropy"}) == {
-        "label_free": False,
-        "threat_model": "gray-box",
-    }
+    assert threat_marking(transfer, encoder="demo")["threat_model"] == "white-box"  # the diagonal
+    assert threat_marking(transfer)["threat_model"] == "white-box"  # the surrogate's own attack store
 
 
 def test_evaluation_rows_carry_the_marking(tmp_path, slide, fold_heads):

@@ -48,6 +48,8 @@ def test_summary_has_every_metric_for_every_attack(tiny):
             "auroc",
             "flip_rate",
             "tile_cosine_distance",
+            "tile_linf",
+            "tile_rms",
         ]
     values = summary[["clean", "attacked"]].to_numpy()
     assert np.all((values >= 0) & (values <= 1))
@@ -212,6 +214,77 @@ def test_editing_one_attack_reruns_only_that_attack(tiny, tmp_path):
         run / "results" / "attacks" / "pgd" / "demo_trained" / shard / "demo_000.zarr", kind=stores.ATTACK
     )
     assert adv.attrs["attack"]["eps"] == pytest.approx(2 / 255) and float(np.max(adv["linf"][...])) <= 2 / 255 + 1e-7
+
+
+def test_a_stain_attack_and_its_jitter_control_run_on_the_same_tiles_and_report_their_pixel_change(tiny, tmp_path):
+    run = copy_of_run(tiny, tmp_path)
+    config = current_config(run)
+    budget = config["attacks"]["pgd"]["budget"]
+    config["attacks"]["stain"] = {"method": "stain_pgd", "eps": 0.02, "steps": 3, "budget": budget}
+    config["attacks"]["stain_control"] = {"method": "stain_jitter", "eps": 0.02, "budget": budget}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    since = time.time()
+    ok(snakemake(run))
+    assert not [n for n in changed_benchmarks(run, since) if n.startswith(("tile/", "extract/", "train_mil/"))]
+    summary = pd.read_csv(run / "results" / "summary.csv").set_index(["attack", "metric"])["attacked"]
+    assert summary["stain", "tile_cosine_distance"] > 3 * summary["stain_control", "tile_cosine_distance"]
+    assert (
+        summary["pgd", "tile_linf"] <= 4 / 255 + 1e-6 < summary["stain", "tile_linf"]
+    )  # a stain change is no L-inf ball
+    shard = shard_of("demo_000", n_shards=config.get("shards", 4))
+    attack, control = (
+        stores.open_store(
+            run / "results" / "attacks" / name / "demo_trained" / shard / "demo_000.zarr", kind=stores.ATTACK
+        )
+        for name in ("stain", "stain_control")
+    )
+    np.testing.assert_array_equal(attack["index"][...], control["index"][...])
+    assert attack.attrs["bound"]["norm"] == "stain" and attack.attrs["method_params"]["step_size"] == pytest.approx(
+        2.5 * 0.02 / 3
+    )
+
+
+def test_transfer_matrix_perturbs_once_per_surrogate_and_its_diagonal_is_the_white_box_result(tiny, tmp_path):
+    run = copy_of_run(tiny, tmp_path)
+    config = current_config(run)
+    config["transfer"] = {"surrogates": ["demo", "demo_trained"], "attacks": ["pgd"]}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    since = time.time()
+    ok(snakemake(run))
+    ran = changed_benchmarks(run, since)
+    n_shards = len(tiny_shards(tiny))
+    per_rule = {
+        rule: len([n for n in ran if n.startswith(f"{rule}/")]) for rule in ("perturb_surrogate", "shuffle", "reembed")
+    }
+    assert per_rule == {"perturb_surrogate": 2 * n_shards, "shuffle": 2 * n_shards, "reembed": 4 * n_shards}, ran
+    assert not [n for n in ran if n.startswith(("attack/", "extract/", "train_mil/"))], (
+        ran
+    )  # surrogates need no features
+
+    evaluations = run / "results" / "eval" / "demo_trained" / "abmil"
+    white, diagonal, transfer = (
+        pd.read_csv(evaluations / f"{name}.csv", dtype={"slide_id": str}, keep_default_na=False)
+        for name in ("pgd", "pgd_from_demo_trained", "pgd_from_demo")
+    )
+    scores = ["tile_cosine_distance", "attacked_prob_tumor", "tile_linf"]
+    pd.testing.assert_frame_equal(white[scores], diagonal[scores])  # same tiles, same bytes, same features
+    assert set(diagonal["threat_model"]) == {"white-box"} and set(transfer["threat_model"]) == {"black-box (transfer)"}
+    assert set(transfer["surrogate"]) == {"demo"}
+
+    matrix = pd.read_csv(run / "results" / "transfer.csv")
+    cosine = matrix[matrix["metric"] == "tile_cosine_distance"].set_index("surrogate")
+    assert cosine.loc["demo_trained", "percent_of_white_box"] == pytest.approx(100)
+    assert 0 < cosine.loc["demo", "transfer"] < cosine.loc["demo", "white_box"]  # transfer is weaker than white-box
+    assert (cosine["noise"] > 0).all() and (cosine["shuffled"] > 0).all()
+    assert (run / "results" / "plots" / "transfer.png").stat().st_size > 10_000
+    shard = shard_of("demo_000", n_shards=config.get("shards", 4))
+    attacks = run / "results" / "attacks"
+    source = stores.open_store(attacks / "pgd_from_demo" / "demo" / shard / "demo_000.zarr", kind=stores.ATTACK)
+    shuffled = stores.open_store(
+        attacks / "pgd_from_demo_shuffled" / "demo" / shard / "demo_000.zarr", kind=stores.ATTACK
+    )
+    np.testing.assert_array_equal(source["index"][...], shuffled["index"][...])
+    assert source.attrs["encoder"]["encoder"] == "demo" and float(np.max(shuffled["linf"][...])) <= 4 / 255 + 1e-7
 
 
 @pytest.fixture

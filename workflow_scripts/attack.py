@@ -1,4 +1,5 @@
-"""Rule attack: perturb the selected tiles of every slide of one shard, then re-embed them."""
+"""Rules attack and perturb_surrogate: perturb the selected tiles of every slide of one shard,
+then (rule attack) re-embed them; a transfer attack's surrogate job only perturbs."""
 
 from wsiattack import rulekit, runtime, shardjobs
 from wsiattack.attacks.oracle import load_fold_head
@@ -25,7 +26,7 @@ def main(smk, spec):
         batch_size=spec["batch_size"],
         device=runtime.resolve_device(smk.params.device),
         out_attacks=smk.output.attacks,
-        out_reembedded=smk.output.reembedded,
+        out_reembedded=dict(smk.output.items()).get("reembedded"),
         features_dir=smk.input.features or None,
         mil_head_of=mil_head_of,
         reader_threads=smk.threads,

@@ -15,6 +15,7 @@ from typing import Any
 
 from wsiattack.attacks.params import resolve_mil
 from wsiattack.attacks.sweep import expand_sweep
+from wsiattack.attacks.transfer import check_derived, expand_transfer
 from wsiattack.errors import ConfigError
 
 # check_attack_entry, load_schema and parse_pixel_fraction are also used as wsiconfig.* by rule code
@@ -52,9 +53,26 @@ def _normalise_attacks(config: dict[str, Any]) -> None:
         attacks[name], wheres[name] = entry, f"sweep ({name})"
     if not attacks:
         raise ConfigError("config: attacks: no attack defined (add an entry under attacks or a sweep)")
+    for name, entry in expand_transfer(config["transfer"], attacks).items() if "transfer" in config else ():
+        if name in attacks:
+            raise ConfigError(f"config: transfer: entry {name!r} has the name of an attack under attacks; rename one")
+        attacks[name], wheres[name] = check_attack_entry(entry, where=f"transfer ({name})"), f"transfer ({name})"
     for name, entry in attacks.items():
-        resolve_mil(entry, mil_models=config["mil"]["models"], where=wheres[name])
+        if entry["method"] != "shuffled":
+            resolve_mil(entry, mil_models=config["mil"]["models"], where=wheres[name])
+    check_derived(attacks, wheres=wheres, known_encoders=known_encoders(config))
     config["attacks"] = attacks
+
+
+def known_encoders(config: Mapping[str, Any]) -> set[str]:
+    from wsiattack.encoders import registry  # torch-free
+
+    return {*registry.ENCODERS, *config["custom_encoders"]}
+
+
+def surrogates(config: Mapping[str, Any]) -> list[str]:
+    """The encoders that transfer attacks are crafted on (each needs no clean features or heads)."""
+    return sorted({entry["surrogate"] for entry in config["attacks"].values() if entry.get("surrogate")})
 
 
 def _check_encoders(config: dict[str, Any]) -> None:
@@ -63,7 +81,7 @@ def _check_encoders(config: dict[str, Any]) -> None:
     from wsiattack.errors import EncoderError
 
     custom = config["custom_encoders"]
-    for name in config["encoders"]:
+    for name in dict.fromkeys([*config["encoders"], *surrogates(config)]):
         if name not in registry.ENCODERS and name not in custom:
             known = ", ".join([*registry.ENCODERS, *custom])
             raise ConfigError(
@@ -74,8 +92,8 @@ def _check_encoders(config: dict[str, Any]) -> None:
         except EncoderError as error:
             raise ConfigError(f"config: encoders: {error}") from None
     for name in config["encoder_weights"]:
-        if name not in config["encoders"]:
-            raise ConfigError(f"config: encoder_weights: {name!r} is not listed under encoders")
+        if name not in config["encoders"] and name not in surrogates(config):
+            raise ConfigError(f"config: encoder_weights: {name!r} is not listed under encoders (nor a surrogate)")
 
 
 def encoder_spec(config: Mapping[str, Any], name: str) -> dict[str, Any]:

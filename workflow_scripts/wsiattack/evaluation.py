@@ -18,7 +18,7 @@ from wsiattack.mil.folds import read_features, usable
 
 log = logging.getLogger(__name__)
 
-MARKING_COLUMNS = ("label_free", "threat_model")  # per-slide CSV and summary: who may run the attack
+MARKING_COLUMNS = ("label_free", "threat_model", "surrogate")  # per-slide CSV and summary: who may run the attack
 
 
 def attacked_bag(clean: np.ndarray, *, index: np.ndarray, replacement: np.ndarray) -> np.ndarray:
@@ -56,11 +56,13 @@ def evaluate_attack(
         attacked = attacked_bag(clean, index=index, replacement=np.asarray(replaced[slide_id]["features"][...]))
         model = models[record["fold"]]
         shift = _cosine_distance(clean[index], attacked[index])
-        marking = threat_marking(replaced[slide_id].attrs["attack"])
+        attrs = replaced[slide_id].attrs
+        marking = threat_marking(attrs["attack"], encoder=attrs.get("encoder"))
         rows.append(
             {
                 **_score(model, clean, attacked, index=index, classes=classes),
                 "tile_cosine_distance": shift,
+                **achieved_distances(replaced[slide_id]),
                 "slide_id": slide_id,
                 "fold": record["fold"],
                 "label": record["label"],
@@ -140,6 +142,16 @@ def _score(
         row.update({f"{name}_prob_{c}": float(p) for c, p in zip(classes, prob, strict=True)})
         row[f"{name}_attention_on_perturbed"] = float(attention[index].sum())
     return row
+
+
+def achieved_distances(reembedded) -> dict[str, float]:
+    """The slide's largest L-inf and mean RMS pixel change of its stored perturbed tiles (NaN if
+    none, or for a store written before they were kept in it)."""
+    out = {}
+    for name, reduce in (("linf", np.max), ("rms", np.mean)):
+        values = np.asarray(reembedded[name][...]) if name in reembedded else np.empty(0)
+        out[f"tile_{name}"] = float(reduce(values)) if len(values) else float("nan")
+    return out
 
 
 def _cosine_distance(clean: np.ndarray, attacked: np.ndarray) -> float:

@@ -65,7 +65,10 @@ def reembed_slide(
     device: torch.device,
     out_store: str | Path,
 ) -> int:
-    """Embed only the k adversarial tiles (same code path and precision as clean extraction)."""
+    """Embed only the k adversarial tiles (same code path and precision as clean extraction).
+
+    ``encoder`` may differ from the one the tiles were perturbed with (a transfer attack's
+    target): the store is then marked black-box (``params.threat_marking``)."""
     attack = stores.open_store(attack_store, kind=stores.ATTACK)
     index = np.asarray(attack["index"][...])
     features = embed_tiles(
@@ -75,10 +78,23 @@ def reembed_slide(
         "slide_id": slide_id,
         **encoder.describe(),
         "attack": attack.attrs["attack"],
-        **threat_marking(attack.attrs["attack"]),
+        **threat_marking(attack.attrs["attack"], encoder=encoder.spec.name),
+        "perturbed_with": attack.attrs.get("encoder", {}).get("encoder"),  # the surrogate, for a transfer attack
         "device_type": device.type,
     }
     with stores.atomic_store(out_store, kind=stores.REEMBEDDED, attrs=attrs) as group:
         stores.write_array(group, "index", index)
         stores.write_array(group, "features", features)
+        for name, values in achieved_change(attack).items():  # the evaluation reports it next to the effect
+            stores.write_array(group, name, values)
     return len(index)
+
+
+def achieved_change(attack) -> dict[str, np.ndarray]:
+    """Per perturbed tile, the stored tile's L-inf and RMS pixel change (``stores.ACHIEVED_CHANGE``;
+    RMS = L2 / sqrt(C·H·W), in the same [0, 1] units as L-inf and as ``eps``)."""
+    if "linf" not in attack:  # k = 0: nothing stored
+        return {name: np.empty(0, np.float32) for name in stores.ACHIEVED_CHANGE}
+    n_values = int(np.prod(attack["adv_tiles"].shape[1:]))
+    rms = np.asarray(attack["l2"][...], dtype=np.float64) / np.sqrt(n_values)
+    return {"linf": np.asarray(attack["linf"][...], dtype=np.float32), "rms": rms.astype(np.float32)}

@@ -285,19 +285,29 @@ def _class_indices(column: pd.Series, *, n_classes: int) -> np.ndarray:
 
 
 def embedding_shift(eval_df: pd.DataFrame) -> pd.DataFrame:
-    """The label-free objective as the pipeline measured it: mean over slides of the perturbed
-    tiles' 1 − cos(clean, attacked) feature distance (after uint8 rounding and re-embedding).
+    """What the perturbation did to the perturbed tiles, as the pipeline measured it (after uint8
+    rounding and re-embedding): ``tile_cosine_distance``, the mean over slides of their 1 − cos
+    feature distance (the label-free objective); ``tile_linf``, the largest pixel change of any
+    stored tile, and ``tile_rms``, the mean over slides of their mean RMS change (pixel units in
+    [0, 1], like eps; how far an attack in another space, e.g. stain, moved the pixels).
 
-    One row shaped like ``summarize_attack``'s; clean is 0 by definition, no CI.
+    Rows shaped like ``summarize_attack``'s; clean is 0 by definition, no CI.
     """
-    value = float(eval_df["tile_cosine_distance"].mean())
-    row = {
-        "metric": "tile_cosine_distance",
-        "clean": 0.0,
-        "attacked": value,
-        "drop": -value,
-        "drop_ci_low": np.nan,
-        "drop_ci_high": np.nan,
-        "n_slides": len(eval_df),
-    }
-    return pd.DataFrame([row], columns=list(SUMMARY_COLUMNS))
+    reductions = {"tile_cosine_distance": "mean", "tile_linf": "max", "tile_rms": "mean"}
+    rows = []
+    for metric, reduce in reductions.items():
+        if metric not in eval_df.columns:  # evaluations written before the pixel changes were kept
+            continue
+        value = float(eval_df[metric].agg(reduce))
+        rows.append(
+            {
+                "metric": metric,
+                "clean": 0.0,
+                "attacked": value,
+                "drop": -value,
+                "drop_ci_low": np.nan,
+                "drop_ci_high": np.nan,
+                "n_slides": len(eval_df),
+            }
+        )
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))

@@ -81,7 +81,9 @@ def plot_examples(
         diff = adversarial.astype(np.int16) - clean.astype(np.int16)
         scale = max(1, int(np.abs(diff).max()))
         amplified = ((diff / scale + 1) * 127.5).clip(0, 255).astype(np.uint8)
-        title = f"{attack.attrs['slide_id']} tile {index}\nobjective {float(attack['objective'][0]):.3f}"
+        # a shuffled control ran no encoder: it has no objective, but the share of clipped values
+        score = "objective" if "objective" in attack else "clipped"
+        title = f"{attack.attrs['slide_id']} tile {index}\n{score} {float(attack[score][0]):.3f}"
         columns.append((title, clean, adversarial, amplified, scale))
     fig, axes = plt.subplots(3, len(columns), figsize=(2.6 * len(columns), 8), squeeze=False)
     for col, (title, clean, adversarial, amplified, scale) in enumerate(columns):

@@ -2,12 +2,15 @@
 
 ``extract_shard`` embeds each slide's tiles into ``{out_dir}/{slide}.zarr``; ``attack_shard``
 perturbs each slide's selected tiles (``attacks.perturb.perturb_slide``) and re-embeds them
-(``extraction.reembed_slide``) in the same process, into two per-shard directories. Each output
+(``extraction.reembed_slide``) in the same process, into two per-shard directories; for a
+transfer attack it only perturbs (on the surrogate), and ``reembed_shard`` re-embeds the stored
+tiles with each target. ``shuffle_shard`` writes the shuffled control of another attack. Each output
 directory is written whole to a temporary sibling and renamed at the end (``stores.atomic_dir``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +22,7 @@ import torch
 
 from wsiattack import extraction, stores, tiling
 from wsiattack.attacks.perturb import perturb_slide
+from wsiattack.attacks.shuffle import shuffle_slide
 from wsiattack.encoders.model import TileEncoder
 
 log = logging.getLogger(__name__)
@@ -96,7 +100,7 @@ def attack_shard(
     batch_size: int,
     device: torch.device,
     out_attacks: str | Path,
-    out_reembedded: str | Path,
+    out_reembedded: str | Path | None,
     features_dir: str | Path | None = None,
     mil_head_of: Callable[[str], Any] | None = None,
     reader_threads: int = 1,
@@ -105,9 +109,13 @@ def attack_shard(
 
     ``features_dir`` is the shard's clean features (for the selections and objectives that need
     them); ``mil_head_of(slide_id)`` gives the gray-box attacks the head of the slide's test fold.
+    ``out_reembedded`` None: perturb only (a transfer attack's surrogate job; ``reembed_shard``
+    re-embeds the tiles with each target).
     """
     total = 0
-    with stores.atomic_dir(out_attacks) as attacks_tmp, stores.atomic_dir(out_reembedded) as reembedded_tmp:
+    with contextlib.ExitStack() as outputs:
+        attacks_tmp = outputs.enter_context(stores.atomic_dir(out_attacks))
+        reembedded_tmp = outputs.enter_context(stores.atomic_dir(out_reembedded)) if out_reembedded else None
         for slide in slides:
             attack_store = stores.slide_store(attacks_tmp, slide.slide_id)
             features_store = stores.slide_store(features_dir, slide.slide_id) if features_dir else None
@@ -124,12 +132,52 @@ def attack_shard(
                 mil_head=mil_head,
                 reader_threads=reader_threads,
             )
-            extraction.reembed_slide(
+            if reembedded_tmp is not None:
+                _reembed(slide.slide_id, attack_store, encoder, batch_size, device, reembedded_tmp)
+    return total
+
+
+def shuffle_shard(
+    *, slides: Sequence[ShardSlide], spec: Mapping[str, Any], source_dir: str | Path, out_attacks: str | Path
+) -> int:
+    """The shuffled control (``attacks.shuffle``) of the source attack's stores of a shard."""
+    total = 0
+    with stores.atomic_dir(out_attacks) as tmp:
+        for slide in slides:
+            total += shuffle_slide(
                 slide_id=slide.slide_id,
-                attack_store=attack_store,
-                encoder=encoder,
-                batch_size=batch_size,
-                device=device,
-                out_store=stores.slide_store(reembedded_tmp, slide.slide_id),
+                source_store=stores.slide_store(source_dir, slide.slide_id),
+                tiles_store=slide.tiles_store,
+                slide_path=slide.slide_path,
+                spec=spec,
+                out_store=stores.slide_store(tmp, slide.slide_id),
             )
     return total
+
+
+def reembed_shard(
+    *,
+    attacks_dir: str | Path,
+    encoder: TileEncoder,
+    batch_size: int,
+    device: torch.device,
+    out_reembedded: str | Path,
+) -> int:
+    """Re-embed a shard's stored perturbed tiles with ``encoder`` (a transfer attack's target, or
+    the encoder of a shuffled control); return the tiles embedded."""
+    total = 0
+    with stores.atomic_dir(out_reembedded) as tmp:
+        for store in stores.slide_stores([attacks_dir]):
+            total += _reembed(store.name.removesuffix(".zarr"), store, encoder, batch_size, device, tmp)
+    return total
+
+
+def _reembed(slide_id, attack_store, encoder, batch_size, device, out_dir) -> int:
+    return extraction.reembed_slide(
+        slide_id=slide_id,
+        attack_store=attack_store,
+        encoder=encoder,
+        batch_size=batch_size,
+        device=device,
+        out_store=stores.slide_store(out_dir, slide_id),
+    )

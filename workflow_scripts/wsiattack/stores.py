@@ -23,8 +23,9 @@ Layouts (one zarr v3 group per slide, see README "On-disk layout"):
                   ``attacks.params.threat_marking``), ``mil_head`` {model, fold} (gray-box only).
                   A slide skipped for lack of tissue: k = 0 and ``skipped``.
 - reembedded store  ``index`` int64 (k,), ``features`` float32 (k, D): only the replaced rows;
-                  attrs encoder identity, the ``attack`` entry and its ``label_free`` /
-                  ``threat_model`` marking.
+                  ``linf``, ``rms`` float32 (k,): the stored tiles' L-inf and RMS pixel change (RMS
+                  = L2 / sqrt(C·H·W), units of ``eps``); attrs encoder
+                  identity, the ``attack`` entry and its ``label_free`` / ``threat_model`` marking.
 
 The GPU rules write one directory per shard of slides (``shards``), holding one store per slide
 (``{shard_dir}/{slide_id}.zarr``, see ``slide_store``): features, attack and re-embedded stores.
@@ -55,6 +56,7 @@ FEATURES = "features"
 ATTACK = "attack"
 REEMBEDDED = "reembedded"
 TILE_WEIGHTS = "tile_weights"
+ACHIEVED_CHANGE = ("linf", "rms")  # per perturbed tile, of the stored uint8 tile, pixel units
 
 # Tiles per chunk along N: small enough that the extraction loader can prefetch chunk by chunk,
 # large enough to keep the number of files per store modest.

@@ -25,6 +25,7 @@ import torch
 from wsiattack.attacks.driver import AttackOutcome, BestIterate, Method, Problem, attack_mode  # noqa: F401 (re-exported)
 from wsiattack.attacks.objectives import Objective, get_objective
 from wsiattack.attacks.params import FIXED_NORMS, METHOD_DEFAULTS, derived_step_size, method_params
+from wsiattack.attacks.stain import StainJitter, StainPGD
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -308,6 +309,8 @@ METHODS: dict[str, type[Method]] = {
     "apgd": APGD,
     "cw": CarliniWagnerL2,
     "noise": UniformNoise,
+    "stain_pgd": StainPGD,
+    "stain_jitter": StainJitter,
 }
 
 

@@ -22,23 +22,28 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "apgd": {"norm": "linf", "steps": 100, "momentum": 0.75, "rho": 0.75, "restarts": 1},
     "cw": {"steps": 100, "binary_search_steps": 5, "c": 10.0, "lr": 0.01, "kappa": None, "restarts": 1},
     "noise": {},
+    "stain_pgd": {"steps": 10, "step_size": None, "restarts": 1},  # attacks.stain: eps is sigma
+    "stain_jitter": {},
+    "shuffled": {"source": None},  # attacks.shuffle: another attack's perturbation, spatially shuffled
 }
 
 # The ball of the methods without a `norm` parameter (C&W is L2 by construction; the noise
-# control draws uniformly in the L-inf box).
-FIXED_NORMS = {"cw": "l2", "noise": "linf"}
+# control draws uniformly in the L-inf box; the stain methods bound stain concentrations).
+FIXED_NORMS = {"cw": "l2", "noise": "linf", "stain_pgd": "stain", "stain_jitter": "stain", "shuffled": "shuffled"}
+STAIN_METHODS = frozenset({"stain_pgd", "stain_jitter"})
 
 
 def attack_norm(entry: Mapping[str, Any]) -> str:
-    """``linf`` or ``l2``: the ball an attack entry's ``eps`` bounds (``bounds.Ball``: L2 radius
-    is eps·sqrt(C·H·W), so "eps 4/255" means a very different budget in the two norms)."""
+    """``linf``, ``l2`` or ``stain``: what an attack entry's ``eps`` bounds (``bounds.Ball``: L2
+    radius is eps·sqrt(C·H·W), so "eps 4/255" means a very different budget in the two norms;
+    ``attacks.stain``: sigma of the stain concentrations' scale and shift)."""
     return entry.get("norm") or FIXED_NORMS.get(entry["method"], "linf")
 
 
 # step_size = factor · eps / steps when not given. PGD: Madry et al.'s 2.5·eps/steps. MI-FGSM:
 # Dong et al. use eps/steps from the clean tile; from a random start inside the ball the
 # iterates may need to cross the whole diameter, hence 2·eps/steps.
-STEP_SIZE_FACTOR = {"pgd": 2.5, "mifgsm": 2.0}
+STEP_SIZE_FACTOR = {"pgd": 2.5, "mifgsm": 2.0, "stain_pgd": 2.5}
 
 # The attack vocabulary. The config schema's enums of these keys are filled from here on load
 # (schema.load_schema); numeric ranges of the parameters are the schema's alone.
@@ -81,6 +86,10 @@ def normalise_attack(entry: Mapping[str, Any], *, where: str) -> dict[str, Any]:
         raise ConfigError(
             f"config: {where}.eps: 0 is only meaningful for the noise method (the null control: the tiles unmodified); use a bound > 0"
         )
+    if entry["method"] in STAIN_METHODS and entry.get("selection") == "vulnerability":
+        raise ConfigError(
+            f"config: {where}.selection: the vulnerability probe is a pixel-space gradient step and does not apply to method {entry['method']!r}; use random, centrality or attention"
+        )
     out = copy.deepcopy(dict(entry))
     out.update(method_params(entry, where=where, strict=True))
     return out
@@ -91,14 +100,27 @@ def uses_mil_head(entry: Mapping[str, Any]) -> bool:
     return entry.get("selection") in GRAY_BOX_SELECTIONS or entry.get("objective") in ORACLE_OBJECTIVES
 
 
-def threat_marking(entry: Mapping[str, Any]) -> dict[str, Any]:
+def threat_marking(entry: Mapping[str, Any], *, encoder: str | None = None) -> dict[str, Any]:
     """The one definition of how an attack's outputs are marked (store attrs, eval CSV, summary).
 
     An attack that uses the downstream head (attention selection or an oracle objective) is not
-    label-free and is gray-box; the label-free ones only need the encoder (white-box on it).
+    label-free and is gray-box; the label-free ones only need the encoder (white-box on it). An
+    attack crafted on a ``surrogate`` and evaluated with another ``encoder`` is black-box
+    (transfer); on the surrogate itself it is the white-box result.
     """
     label_free = not uses_mil_head(entry)
-    return {"label_free": label_free, "threat_model": "white-box" if label_free else "gray-box"}
+    surrogate = entry.get("surrogate") or ""
+    if surrogate and encoder is not None and encoder != surrogate:
+        threat = "black-box (transfer)"
+    else:
+        threat = "white-box" if label_free else "gray-box"
+    return {"label_free": label_free, "threat_model": threat, "surrogate": surrogate}
+
+
+def is_derived(entry: Mapping[str, Any]) -> bool:
+    """Whether the attack's tiles are re-embedded by another job than the one that made them: a
+    transfer attack (made once on its surrogate) or a shuffled control (made from its source)."""
+    return bool(entry.get("surrogate")) or entry["method"] == "shuffled"
 
 
 def resolve_mil(entry: dict[str, Any], *, mil_models: list[str], where: str) -> None:

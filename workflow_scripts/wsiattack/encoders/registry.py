@@ -17,7 +17,7 @@ fails fast, before any tile is read, when the weights cannot possibly be had.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -369,6 +369,29 @@ ENCODERS: dict[str, EncoderSpec] = {
         source=f"github.com/mahmoodlab/CLAM models/timm_wrapper.py; {HUB_URL}/timm/resnet50.tv_in1k",
     ),
 }
+
+# For transfer studies (README, "Transfer attacks"): second instances (the same architecture from
+# another seed: what initialisation and the training run alone change) and a real architecture
+# with seeded random weights (what architecture alone changes, with nothing to download).
+ENCODERS.update(
+    {
+        "demo_seed1": replace(ENCODERS["demo"], name="demo_seed1", seed=1, source="demo's architecture, seed 1"),
+        "demo_trained_seed1": replace(
+            ENCODERS["demo_trained"],
+            name="demo_trained_seed1",
+            bundled_file="demo_trained_seed1.safetensors",
+            source="python -m wsiattack.encoders.demo_training --seed 1 (synthetic tiles, wsiattack.synthetic)",
+        ),
+        "resnet50_trunc_random": replace(
+            ENCODERS["resnet50_trunc"],
+            name="resnet50_trunc_random",
+            weights="seeded",
+            hub_repo=None,
+            ignore_checkpoint_prefixes=(),
+            source="resnet50_trunc's architecture (CLAM's ResNet50 cut after layer 3) with seeded random weights",
+        ),
+    }
+)
 
 
 def get_spec(name: str) -> EncoderSpec:
