@@ -7,7 +7,7 @@
 #
 # Read from here down: rules/common.smk holds the config and sample-sheet handling, then one
 # file per stage. The library behind every rule script is workflow_scripts/wsiattack/.
-# The GPU rules (extract, attack) run one job per shard of slides, loading the model once.
+# The GPU rules (extract, attack, perturb_surrogate, reembed) run one job per shard of slides, loading the model once.
 from snakemake.utils import min_version
 
 min_version("9.0")

@@ -79,7 +79,7 @@ def test_outputs_are_complete_and_consistent(slurm_run):
     workdir, _ = slurm_run
     results = workdir / "results"
     summary = pd.read_csv(results / "summary.csv")
-    assert set(summary["attack"]) == set(ATTACKS) and len(summary) == 6 * len(ATTACKS)
+    assert set(summary["attack"]) == set(ATTACKS) and len(summary) == 8 * len(ATTACKS)
     shift = summary[summary["metric"] == "tile_cosine_distance"].set_index("attack")["attacked"]
     assert shift["pgd"] > 1e-3  # 3 PGD steps of 2/255 move the tiles' features (noise: ~1e-5)
     slide_ids = pd.read_csv(results / "demo" / "samples.csv")["slide_id"]

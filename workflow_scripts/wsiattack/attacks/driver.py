@@ -15,6 +15,7 @@ from torch import nn
 
 from wsiattack.attacks.bounds import Ball
 from wsiattack.attacks.objectives import ObjectiveFn
+from wsiattack.attacks.params import derived_step_size
 from wsiattack.errors import AttackError
 
 
@@ -160,3 +161,9 @@ class Method:
 
     def _run(self, problem: Problem, generator: torch.Generator) -> BestIterate:
         raise NotImplementedError
+
+
+def resolve_step_size(method: Method) -> None:
+    """Fill a null ``step_size`` of an iterative method (frozen) with its derived default."""
+    if method.step_size is None:
+        object.__setattr__(method, "step_size", derived_step_size(method.name, eps=method.eps, steps=method.steps))

@@ -22,9 +22,16 @@ from typing import Any
 
 import torch
 
-from wsiattack.attacks.driver import AttackOutcome, BestIterate, Method, Problem, attack_mode  # noqa: F401 (re-exported)
+from wsiattack.attacks.driver import (  # noqa: F401 (re-exported)
+    AttackOutcome,
+    BestIterate,
+    Method,
+    Problem,
+    attack_mode,
+    resolve_step_size,
+)
 from wsiattack.attacks.objectives import Objective, get_objective
-from wsiattack.attacks.params import FIXED_NORMS, METHOD_DEFAULTS, derived_step_size, method_params
+from wsiattack.attacks.params import FIXED_NORMS, METHOD_DEFAULTS, method_params
 from wsiattack.attacks.stain import StainJitter, StainPGD
 
 
@@ -75,8 +82,7 @@ class PGD(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.step_size is None:
-            object.__setattr__(self, "step_size", derived_step_size(self.name, eps=self.eps, steps=self.steps))
+        resolve_step_size(self)
 
     def _run(self, problem: Problem, generator: torch.Generator) -> BestIterate:
         return projected_ascent(problem, generator=generator, steps=self.steps, step_size=self.step_size, momentum=0.0)

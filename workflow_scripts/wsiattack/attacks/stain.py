@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from wsiattack.attacks.driver import BestIterate, Method, Problem
-from wsiattack.attacks.params import METHOD_DEFAULTS, derived_step_size
+from wsiattack.attacks.driver import BestIterate, Method, Problem, resolve_step_size
+from wsiattack.attacks.params import METHOD_DEFAULTS
 from wsiattack.errors import ConfigError
 
 # Ruifrok & Johnston's H&E-DAB stain vectors (rows: RGB optical density of H, E, DAB), as in
@@ -128,8 +128,7 @@ class StainPGD(_StainMethod):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.step_size is None:
-            object.__setattr__(self, "step_size", derived_step_size(self.name, eps=self.eps, steps=self.steps))
+        resolve_step_size(self)
 
     def _run(self, problem: Problem, generator: torch.Generator) -> BestIterate:
         clean = problem.clean
