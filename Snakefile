@@ -2,12 +2,14 @@
 #
 #   slides --tile--> tiles (coordinates) --extract--> clean features --train_mil--> MIL heads (k-fold)
 #            tiles --attack: perturb k tiles, re-embed them--> adversarial tiles + k new feature rows
-#            (transfer: perturb_surrogate on the surrogate, then reembed per target; shuffle: controls)
+#            (transfer: perturb_surrogate on the surrogate, then reembed per target; shuffle: controls;
+#             universal: learn_universal per encoder and fold, apply_universal, then reembed)
 #   MIL heads + clean/attacked bags --evaluate--> per-slide CSV --summarize--> summary.csv, plots
 #
 # Read from here down: rules/common.smk holds the config and sample-sheet handling, then one
 # file per stage. The library behind every rule script is workflow_scripts/wsiattack/.
-# The GPU rules (extract, attack, perturb_surrogate, reembed) run one job per shard of slides, loading the model once.
+# The GPU rules (extract, attack, perturb_surrogate, reembed) run one job per shard of slides, loading the model
+# once; learn_universal (GPU) runs one job per (attack, encoder, fold).
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -40,6 +42,7 @@ localrules:
     vulnerability,
     plot_examples,
     transfer_matrix,
+    plot_universal,
 
 
 rule all:
@@ -51,6 +54,11 @@ rule all:
         "results/plots/factors.png",
         ["results/transfer.csv", "results/plots/transfer.png"] if "transfer" in CONFIG else [],
         expand("results/plots/examples/{attack}/{encoder}.png", attack=ATTACKS, encoder=ENCODERS),
+        [
+            f"results/plots/universal/{attack}/{encoder}.png"
+            for attack in PATTERN_OWNERS
+            for encoder in perturbing_encoders(attack)
+        ],
         expand("results/plots/vulnerability/{encoder}/{attack}.png", attack=ATTACKS, encoder=ENCODERS),
         expand(
             "results/plots/heatmaps/{encoder}/{mil}/{attack}.png",

@@ -6,7 +6,10 @@
 # (the script picks it), so they wait for train_mil; the label-free attacks do not.
 # Derived attacks are re-embedded by a job of their own (rule reembed): a transfer attack is
 # perturbed once on its surrogate (perturb_surrogate), then re-embedded by every target encoder; a
-# shuffled control is made from its source's stored tiles (shuffle) without running an encoder.
+# shuffled control is made from its source's stored tiles (shuffle) without running an encoder;
+# a universal perturbation is learned once per (encoder, fold) on the fold's training slides
+# (learn_universal; entries that differ only in budget share it), then added to every shard's
+# tiles (apply_universal) without an encoder.
 
 
 rule attack:
@@ -96,6 +99,60 @@ rule shuffle:
         ),
     script:
         "../workflow_scripts/shuffle.py"
+
+
+rule learn_universal:
+    input:
+        tiles=lambda wildcards: per_shard("results/tiles/{shard}"),
+        splits="results/splits.csv",
+    output:
+        pattern=directory("results/universal/{attack}/{encoder}/fold{fold}.zarr"),
+    log:
+        log_path("learn_universal", "attack", "encoder", "fold"),
+    benchmark:
+        benchmark_path("learn_universal", "attack", "encoder", "fold")
+    wildcard_constraints:
+        attack=names_regex(PATTERN_OWNERS),
+    conda:
+        "../envs/encoders.yaml"
+    threads: 1
+    resources:
+        gpu=1,
+        mem_mb=4000,
+    params:
+        spec=lambda wildcards: spec(
+            {
+                "attack": learning_spec(wsiconfig.attack_spec(CONFIG, wildcards.attack)),
+                "encoder": wsiconfig.encoder_spec(CONFIG, wildcards.encoder),
+                "tiling": CONFIG["tiling"],
+            }
+        ),
+        device=CONFIG["device"],
+    script:
+        "../workflow_scripts/learn_universal.py"
+
+
+rule apply_universal:
+    input:
+        tiles="results/tiles/{shard}",
+        splits="results/splits.csv",
+        patterns=universal_patterns,
+    output:
+        attacks=directory("results/attacks/{attack}/{encoder}/{shard}"),
+    log:
+        log_path("apply_universal", "attack", "encoder", "shard"),
+    benchmark:
+        benchmark_path("apply_universal", "attack", "encoder", "shard")
+    wildcard_constraints:
+        attack=names_regex(UNIVERSAL_ATTACKS),
+    conda:
+        "../envs/encoders.yaml"
+    params:
+        spec=lambda wildcards: spec(
+            {"attack": wsiconfig.attack_spec(CONFIG, wildcards.attack), "tiling": CONFIG["tiling"]}
+        ),
+    script:
+        "../workflow_scripts/apply_universal.py"
 
 
 rule reembed:

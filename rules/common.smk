@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
 from wsiattack import config as wsiconfig
-from wsiattack.attacks.params import is_derived, uses_mil_head
+from wsiattack.attacks.params import is_derived, learning_spec, uses_mil_head
 from wsiattack.names import NAME_PATTERN
 from wsiattack.samples import read_samples
 from wsiattack.shards import SHARD_PATTERN, partition
@@ -27,7 +27,8 @@ ATTACKS = list(CONFIG["attacks"])
 DERIVED_ATTACKS = [name for name in ATTACKS if is_derived(CONFIG["attacks"][name])]
 DIRECT_ATTACKS = [name for name in ATTACKS if name not in DERIVED_ATTACKS]
 SHUFFLED_ATTACKS = [name for name in DERIVED_ATTACKS if CONFIG["attacks"][name]["method"] == "shuffled"]
-SURROGATE_ATTACKS = [name for name in DERIVED_ATTACKS if name not in SHUFFLED_ATTACKS]
+UNIVERSAL_ATTACKS = [name for name in DERIVED_ATTACKS if CONFIG["attacks"][name]["method"] == "universal"]
+SURROGATE_ATTACKS = [name for name in DERIVED_ATTACKS if name not in SHUFFLED_ATTACKS + UNIVERSAL_ATTACKS]
 MIL_MODELS = CONFIG["mil"]["models"]
 FOLDS = list(range(CONFIG["mil"]["folds"]))
 
@@ -149,6 +150,32 @@ def attack_dir(attack, encoder, shard):
     (and its shuffled control's) on its surrogate, every other attack's on the encoder itself."""
     surrogate = CONFIG["attacks"][attack].get("surrogate")
     return f"results/attacks/{attack}/{surrogate or encoder}/{shard}"
+
+
+def perturbing_encoders(attack):
+    """The encoders whose gradients make an attack's tiles: its surrogate, or each evaluated encoder."""
+    surrogate = CONFIG["attacks"][attack].get("surrogate")
+    return [surrogate] if surrogate else ENCODERS
+
+
+def pattern_owner(attack):
+    """The universal attack whose patterns ``attack`` applies: the first with the same learning
+    settings (``params.learning_spec``), so entries that differ only in budget share one set."""
+    own = learning_spec(CONFIG["attacks"][attack])
+    return next(name for name in UNIVERSAL_ATTACKS if learning_spec(CONFIG["attacks"][name]) == own)
+
+
+PATTERN_OWNERS = sorted({pattern_owner(name) for name in UNIVERSAL_ATTACKS})
+
+
+def universal_patterns(wildcards):
+    """Every fold's universal pattern of the attack on this encoder (the script picks each slide's)."""
+    return expand(
+        "results/universal/{attack}/{encoder}/fold{fold}.zarr",
+        attack=pattern_owner(wildcards.attack),
+        encoder=wildcards.encoder,
+        fold=FOLDS,
+    )
 
 
 def derived_attack_dir(wildcards):

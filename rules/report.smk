@@ -142,6 +142,30 @@ rule plot_examples:
         "../workflow_scripts/plot_examples.py"
 
 
+rule plot_universal:
+    input:
+        patterns=universal_patterns,
+    output:
+        plot=report(
+            "results/plots/universal/{attack}/{encoder}.png",
+            caption="captions/universal.rst",
+            category="Universal perturbations",
+            labels={"attack": "{attack}", "encoder": "{encoder}"},
+        ),
+    log:
+        log_path("plot_universal", "attack", "encoder"),
+    benchmark:
+        benchmark_path("plot_universal", "attack", "encoder")
+    wildcard_constraints:
+        attack=names_regex(PATTERN_OWNERS),
+    conda:
+        "../envs/plots.yaml"
+    params:
+        spec=lambda wildcards: spec({}),
+    script:
+        "../workflow_scripts/plot_universal.py"
+
+
 rule transfer_matrix:
     input:
         summary="results/summary.csv",

@@ -39,7 +39,7 @@ def test_no_benchmarks_is_a_clear_error(tmp_path):
 
 
 def test_gpu_rules_are_read_from_the_rules():
-    assert cluster.gpu_rules(ROOT / "rules") == {"extract", "attack", "perturb_surrogate", "reembed"}
+    assert cluster.gpu_rules(ROOT / "rules") == {"extract", "attack", "perturb_surrogate", "reembed", "learn_universal"}
 
 
 def test_local_rules_are_read_from_the_snakefile():
@@ -55,6 +55,7 @@ def test_local_rules_are_read_from_the_snakefile():
         "plot_heatmaps",
         "vulnerability",
         "transfer_matrix",
+        "plot_universal",
     }
 
 

@@ -287,6 +287,55 @@ def test_transfer_matrix_perturbs_once_per_surrogate_and_its_diagonal_is_the_whi
     assert source.attrs["encoder"]["encoder"] == "demo" and float(np.max(shuffled["linf"][...])) <= 4 / 255 + 1e-7
 
 
+def test_a_universal_pattern_is_learned_per_fold_without_its_test_slides_and_added_to_them(tiny, tmp_path):
+    run = copy_of_run(tiny, tmp_path)
+    config = current_config(run)
+    budget = config["attacks"]["pgd"]["budget"]
+    config["attacks"]["uap"] = {"method": "universal", "eps": "4/255", "steps": 4, "train_tiles": 2, "batch_tiles": 4}
+    config["attacks"]["uap"]["budget"] = budget
+    config["attacks"]["uap_half"] = {**config["attacks"]["uap"], "budget": {"fraction": 0.5}}  # shares the patterns
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    since = time.time()
+    ok(snakemake(run))
+    ran = changed_benchmarks(run, since)
+    per_rule = {
+        rule: len([n for n in ran if n.startswith(f"{rule}/")])
+        for rule in ("learn_universal", "apply_universal", "reembed", "attack", "extract", "train_mil")
+    }
+    n_shards, folds = len(tiny_shards(tiny)), config["mil"]["folds"]
+    assert per_rule == {
+        "learn_universal": folds,
+        "apply_universal": 2 * n_shards,
+        "reembed": 2 * n_shards,
+        "attack": 0,
+        "extract": 0,
+        "train_mil": 0,
+    }, ran
+    splits = pd.read_csv(run / "results" / "splits.csv", dtype={"slide_id": str}).set_index("slide_id")["fold"]
+    patterns = {
+        fold: stores.open_store(
+            run / "results" / "universal" / "uap" / "demo_trained" / f"fold{fold}.zarr", kind=stores.UNIVERSAL
+        )
+        for fold in range(folds)
+    }
+    for fold, pattern in patterns.items():
+        assert not set(pattern.attrs["training_tiles"]) & set(splits.index[splits == fold])  # never its test slides
+    for slide, fold in splits.items():
+        attack = stores.open_store(
+            stores.find_slide_store(sorted((run / "results" / "attacks" / "uap" / "demo_trained").iterdir()), slide),
+            kind=stores.ATTACK,
+        )
+        with TileReader(stores.find_slide_store(sorted((run / "results" / "tiles").iterdir()), slide)) as tiles:
+            offsets = attack["adv_tiles"][...].astype(np.int16) - tiles.read(np.asarray(attack["index"][...]))
+        inside = (attack["adv_tiles"][...] > 0) & (attack["adv_tiles"][...] < 255)  # not clipped
+        pattern = np.broadcast_to(patterns[fold]["pattern"][...], offsets.shape)
+        np.testing.assert_array_equal(offsets[inside], pattern[inside])
+    summary = pd.read_csv(run / "results" / "summary.csv").set_index(["attack", "metric"])["attacked"]
+    assert summary["uap", "tile_cosine_distance"] > 10 * summary["noise", "tile_cosine_distance"]
+    assert summary["uap", "tile_linf"] <= 4 / 255 + 1e-6
+    assert (run / "results" / "plots" / "universal" / "uap" / "demo_trained.png").stat().st_size > 10_000
+
+
 @pytest.fixture
 def user_cohort(tiny, tmp_path) -> Path:
     """A user's own sample sheet over the tiny run's slides, in a fresh work directory."""

@@ -125,12 +125,16 @@ def _wall_s(benchmark: Path) -> float:
 
 def _fit_start_up(rows: list[tuple[float, float]]) -> tuple[float, float]:
     """Least-squares (start-up s, s per unit) of job wall time against work units, over jobs of
-    different sizes (shards differ in size); with one size only, start-up is unknown (0)."""
+    different sizes (shards differ in size). With one size only, or when the jobs' times do not
+    grow with their work (start-up dominates and timing noise tilts the line: a slope <= 0 or a
+    negative start-up), the two cannot be told apart: start-up 0 and the mean s per unit, which
+    over-estimates the per-unit cost (a safe side for planning)."""
     units, walls = np.array([r[0] for r in rows], dtype=float), np.array([r[1] for r in rows], dtype=float)
+    ratio = (0.0, float(walls.sum() / units.sum()))
     if len(set(units)) < 2:
-        return 0.0, float(walls.sum() / units.sum())
+        return ratio
     slope, intercept = np.polyfit(units, walls, 1)
-    return max(float(intercept), 0.0), float(slope)
+    return ratio if slope <= 0 or intercept < 0 else (float(intercept), float(slope))
 
 
 def pilot_costs(results: Path, *, encoder: str) -> dict:

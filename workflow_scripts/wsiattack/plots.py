@@ -240,3 +240,30 @@ def plot_vulnerability(table: pd.DataFrame, correlations: pd.DataFrame, out_png:
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     _save(fig, out_png)
+
+
+def plot_universal(pattern_stores: Sequence[str | Path], out_png: str | Path) -> None:
+    """Each fold's universal pattern (offsets scaled to the full grey range: mid-grey = 0) and the
+    training curves: the minibatch objective per step, and the rounded pattern's objective on all
+    training tiles at each scoring (the kept one marked)."""
+    groups = [stores.open_store(p, kind=stores.UNIVERSAL) for p in pattern_stores]
+    fig, axes = plt.subplots(1, len(groups) + 1, figsize=(2.8 * (len(groups) + 1), 3.2), squeeze=False)
+    curves = axes[0, -1]
+    for ax, group in zip(axes[0, :-1], groups, strict=True):
+        levels = np.asarray(group["pattern"][...], dtype=np.float32)
+        radius = max(1.0, float(np.abs(levels).max()))
+        ax.imshow(((levels / radius + 1) * 127.5).astype(np.uint8))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fold, best = group.attrs["fold"], group.attrs["best_step"]
+        ax.set_title(f"fold {fold}: ±{radius:.0f} grey levels\nkept step {best}", fontsize=8)
+        train = np.asarray(group["train_objective"][...])
+        (line,) = curves.plot(np.arange(1, len(train) + 1), train, lw=0.8)
+        steps, values = np.asarray(group["eval_step"][...]), np.asarray(group["eval_objective"][...])
+        curves.plot(steps, values, "o", ms=3, color=line.get_color(), label=f"fold {fold}")
+        curves.plot([best], [values[list(steps).index(best)]], "*", ms=9, color=line.get_color())
+    curves.set_xlabel("step")
+    curves.set_ylabel("objective (training tiles)")
+    curves.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out_png)

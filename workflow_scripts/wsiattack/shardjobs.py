@@ -4,7 +4,8 @@
 perturbs each slide's selected tiles (``attacks.perturb.perturb_slide``) and re-embeds them
 (``extraction.reembed_slide``) in the same process, into two per-shard directories; for a
 transfer attack it only perturbs (on the surrogate), and ``reembed_shard`` re-embeds the stored
-tiles with each target. ``shuffle_shard`` writes the shuffled control of another attack. Each output
+tiles with each target. ``shuffle_shard`` writes the shuffled control of another attack, and
+``universal_shard`` adds each slide's fold's universal pattern to its tiles. Each output
 directory is written whole to a temporary sibling and renamed at the end (``stores.atomic_dir``).
 """
 
@@ -23,7 +24,9 @@ import torch
 from wsiattack import extraction, stores, tiling
 from wsiattack.attacks.perturb import perturb_slide
 from wsiattack.attacks.shuffle import shuffle_slide
+from wsiattack.attacks.universal import apply_universal_slide, fold_of_slides
 from wsiattack.encoders.model import TileEncoder
+from wsiattack.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +152,33 @@ def shuffle_shard(
                 source_store=stores.slide_store(source_dir, slide.slide_id),
                 tiles_store=slide.tiles_store,
                 slide_path=slide.slide_path,
+                spec=spec,
+                out_store=stores.slide_store(tmp, slide.slide_id),
+            )
+    return total
+
+
+def universal_shard(
+    *,
+    slides: Sequence[ShardSlide],
+    spec: Mapping[str, Any],
+    splits_csv: str | Path,
+    pattern_of_fold: Mapping[int, str | Path],
+    out_attacks: str | Path,
+) -> int:
+    """Each slide's selected tiles plus the universal pattern of the fold in which it is a test
+    slide (learned without it, ``attacks.universal``); return the tiles perturbed."""
+    fold_of = fold_of_slides(splits_csv)
+    total = 0
+    with stores.atomic_dir(out_attacks) as tmp:
+        for slide in slides:
+            if slide.slide_id not in fold_of:
+                raise StoreError(f"{slide.slide_id}: not in {splits_csv}; re-run the split rule")
+            total += apply_universal_slide(
+                slide_id=slide.slide_id,
+                tiles_store=slide.tiles_store,
+                slide_path=slide.slide_path,
+                pattern_store=pattern_of_fold[fold_of[slide.slide_id]],
                 spec=spec,
                 out_store=stores.slide_store(tmp, slide.slide_id),
             )

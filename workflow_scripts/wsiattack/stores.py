@@ -22,6 +22,11 @@ Layouts (one zarr v3 group per slide, see README "On-disk layout"):
                   ``threat_model`` ("white-box" label-free, "gray-box" when a MIL head is used:
                   ``attacks.params.threat_marking``), ``mil_head`` {model, fold} (gray-box only).
                   A slide skipped for lack of tissue: k = 0 and ``skipped``.
+- universal store   ``pattern`` int16 (T, T, 3): one universal perturbation in grey levels, learned
+                  for one (attack, encoder, fold) on that fold's training slides; its training log
+                  ``train_objective`` (per step), ``eval_step``/``eval_objective``; attrs the spec,
+                  encoder, fold, ``training_tiles`` {slide: indices}, ``best_step``
+                  (``attacks.universal``). Its attack stores also hold ``clipped`` per tile.
 - reembedded store  ``index`` int64 (k,), ``features`` float32 (k, D): only the replaced rows;
                   ``linf``, ``rms`` float32 (k,): the stored tiles' L-inf and RMS pixel change (RMS
                   = L2 / sqrt(C·H·W), units of ``eps``); attrs encoder
@@ -56,6 +61,7 @@ FEATURES = "features"
 ATTACK = "attack"
 REEMBEDDED = "reembedded"
 TILE_WEIGHTS = "tile_weights"
+UNIVERSAL = "universal"  # one universal perturbation (attacks.universal)
 ACHIEVED_CHANGE = ("linf", "rms")  # per perturbed tile, of the stored uint8 tile, pixel units
 
 # Tiles per chunk along N: small enough that the extraction loader can prefetch chunk by chunk,
@@ -174,6 +180,30 @@ def write_tile_batch(group: zarr.Group, name: str, data: np.ndarray) -> None:
     )
     if len(data):
         array[...] = data
+
+
+def write_encoder_free_attack(
+    path: Path | str,
+    *,
+    attrs: Mapping[str, Any],
+    index: np.ndarray,
+    clean: np.ndarray,
+    adversarial: np.ndarray,
+    clipped: np.ndarray,
+    selection_score: np.ndarray | None,
+) -> None:
+    """An attack store made without an encoder (a shuffled control, a universal pattern applied):
+    ``index``, ``adv_tiles``, their achieved ``linf`` / ``l2`` against ``clean`` (uint8, same
+    shape), the share of ``clipped`` values per tile and, when given, ``selection_score``."""
+    delta = (adversarial.astype(np.float32) - clean.astype(np.float32)).reshape(len(index), -1) / 255
+    with atomic_store(path, kind=ATTACK, attrs=attrs) as group:
+        write_array(group, "index", index)
+        write_tile_batch(group, "adv_tiles", adversarial)
+        write_array(group, "linf", np.abs(delta).max(axis=1, initial=0).astype(np.float32))
+        write_array(group, "l2", np.linalg.norm(delta, axis=1).astype(np.float32))
+        write_array(group, "clipped", clipped)
+        if selection_score is not None:
+            write_array(group, "selection_score", selection_score)
 
 
 def skipped_slides(tile_stores: list[str | Path]) -> list[dict[str, str]]:

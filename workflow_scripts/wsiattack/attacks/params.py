@@ -25,11 +25,20 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "stain_pgd": {"steps": 10, "step_size": None, "restarts": 1},  # attacks.stain: eps is sigma
     "stain_jitter": {},
     "shuffled": {"source": None},  # attacks.shuffle: another attack's perturbation, spatially shuffled
+    # attacks.universal: one pattern per (encoder, fold), learned on train_tiles tiles of each training slide
+    "universal": {"steps": 100, "step_size": None, "train_tiles": 8, "batch_tiles": 16},
 }
 
 # The ball of the methods without a `norm` parameter (C&W is L2 by construction; the noise
 # control draws uniformly in the L-inf box; the stain methods bound stain concentrations).
-FIXED_NORMS = {"cw": "l2", "noise": "linf", "stain_pgd": "stain", "stain_jitter": "stain", "shuffled": "shuffled"}
+FIXED_NORMS = {
+    "cw": "l2",
+    "noise": "linf",
+    "stain_pgd": "stain",
+    "stain_jitter": "stain",
+    "shuffled": "shuffled",
+    "universal": "linf",
+}
 STAIN_METHODS = frozenset({"stain_pgd", "stain_jitter"})
 
 
@@ -43,7 +52,8 @@ def attack_norm(entry: Mapping[str, Any]) -> str:
 # step_size = factor · eps / steps when not given. PGD: Madry et al.'s 2.5·eps/steps. MI-FGSM:
 # Dong et al. use eps/steps from the clean tile; from a random start inside the ball the
 # iterates may need to cross the whole diameter, hence 2·eps/steps.
-STEP_SIZE_FACTOR = {"pgd": 2.5, "mifgsm": 2.0, "stain_pgd": 2.5}
+# Universal: the same signed steps as PGD, on one pattern shared by minibatches of tiles.
+STEP_SIZE_FACTOR = {"pgd": 2.5, "mifgsm": 2.0, "stain_pgd": 2.5, "universal": 2.5}
 
 # The attack vocabulary. The config schema's enums of these keys are filled from here on load
 # (schema.load_schema); numeric ranges of the parameters are the schema's alone.
@@ -90,6 +100,14 @@ def normalise_attack(entry: Mapping[str, Any], *, where: str) -> dict[str, Any]:
         raise ConfigError(
             f"config: {where}.selection: the vulnerability probe is a pixel-space gradient step and does not apply to method {entry['method']!r}; use random, centrality or attention"
         )
+    if entry["method"] == "universal" and entry.get("selection", "random") != "random":
+        raise ConfigError(
+            f"config: {where}.selection: a universal perturbation is added without running an encoder, to randomly chosen tiles; use selection random"
+        )
+    if entry["method"] == "universal" and entry.get("objective") in ORACLE_OBJECTIVES:
+        raise ConfigError(
+            f"config: {where}.objective: a universal perturbation is learned label-free (cosine or l2), not with the MIL head"
+        )
     out = copy.deepcopy(dict(entry))
     out.update(method_params(entry, where=where, strict=True))
     return out
@@ -119,8 +137,18 @@ def threat_marking(entry: Mapping[str, Any], *, encoder: str | None = None) -> d
 
 def is_derived(entry: Mapping[str, Any]) -> bool:
     """Whether the attack's tiles are re-embedded by another job than the one that made them: a
-    transfer attack (made once on its surrogate) or a shuffled control (made from its source)."""
-    return bool(entry.get("surrogate")) or entry["method"] == "shuffled"
+    transfer attack (made once on its surrogate), a shuffled control (made from its source) or a
+    universal perturbation (added to the tiles without an encoder)."""
+    return bool(entry.get("surrogate")) or entry["method"] in ("shuffled", "universal")
+
+
+# What a universal pattern depends on: editing an entry's budget re-applies its patterns, not re-learns them.
+LEARNING_KEYS = ("method", "objective", "eps", "seed", "surrogate", "steps", "step_size", "train_tiles", "batch_tiles")
+
+
+def learning_spec(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The keys of a universal attack entry that its patterns depend on (``LEARNING_KEYS``)."""
+    return {key: copy.deepcopy(entry[key]) for key in LEARNING_KEYS if key in entry}
 
 
 def resolve_mil(entry: dict[str, Any], *, mil_models: list[str], where: str) -> None:

@@ -63,8 +63,6 @@ def shuffle_slide(
         clean = np.asarray(tiles.get_orthogonal_selection((index,))) if len(index) else adversarial.copy()
     rng = slide_rng(spec["seed"], slide_id, stream=SHUFFLE_STREAM)
     shuffled, _, clipped = shuffle_perturbation(clean, adversarial, rng=rng)
-    n_values = int(np.prod(adversarial.shape[1:]))
-    delta = (shuffled.astype(np.float32) - clean.astype(np.float32)).reshape(len(index), n_values) / 255
     attrs = {
         "slide_id": slide_id,
         "attack": dict(spec),
@@ -74,14 +72,15 @@ def shuffle_slide(
         "source": {"attack": source.attrs["attack"].get("name"), "bound": source.attrs.get("bound")},
         **threat_marking(spec),
     }
-    with stores.atomic_store(out_store, kind=stores.ATTACK, attrs=attrs) as group:
-        stores.write_array(group, "index", index)
-        stores.write_tile_batch(group, "adv_tiles", shuffled)
-        stores.write_array(group, "linf", np.abs(delta).max(axis=1, initial=0).astype(np.float32))
-        stores.write_array(group, "l2", np.linalg.norm(delta, axis=1).astype(np.float32))
-        stores.write_array(group, "clipped", clipped)
-        if "selection_score" in source:
-            stores.write_array(group, "selection_score", np.asarray(source["selection_score"][...]))
+    stores.write_encoder_free_attack(
+        out_store,
+        attrs=attrs,
+        index=index,
+        clean=clean,
+        adversarial=shuffled,
+        clipped=clipped,
+        selection_score=np.asarray(source["selection_score"][...]) if "selection_score" in source else None,
+    )
     if len(index):
         log.info(
             "%s: shuffled %d tiles of %s (%.4f of values clipped)", slide_id, len(index), spec["source"], clipped.mean()
