@@ -32,6 +32,7 @@ OVERLAYS = {
     "positive_control_tiny.yaml": "tests/configs/tiny.yaml",
     "stain_study.yaml": "config.yaml",
     "transfer_study.yaml": "config.yaml",
+    "universal_study.yaml": "config.yaml",
 }
 
 
