@@ -325,7 +325,9 @@ def test_a_universal_pattern_is_learned_per_fold_without_its_test_slides_and_add
             stores.find_slide_store(sorted((run / "results" / "attacks" / "uap" / "demo_trained").iterdir()), slide),
             kind=stores.ATTACK,
         )
-        with TileReader(stores.find_slide_store(sorted((run / "results" / "tiles").iterdir()), slide)) as tiles:
+        tiles_store = stores.find_slide_store(sorted((run / "results" / "tiles").iterdir()), slide)
+        slide_path = run / "results" / "demo" / "slides" / f"{slide}.tiff"  # the sheet's path is relative to the run
+        with TileReader(tiles_store, slide_path=slide_path) as tiles:
             offsets = attack["adv_tiles"][...].astype(np.int16) - tiles.read(np.asarray(attack["index"][...]))
         inside = (attack["adv_tiles"][...] > 0) & (attack["adv_tiles"][...] < 255)  # not clipped
         pattern = np.broadcast_to(patterns[fold]["pattern"][...], offsets.shape)
