@@ -33,6 +33,7 @@ OVERLAYS = {
     "stain_study.yaml": "config.yaml",
     "transfer_study.yaml": "config.yaml",
     "universal_study.yaml": "config.yaml",
+    "snap_study.yaml": "config.yaml",
 }
 
 

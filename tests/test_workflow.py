@@ -216,12 +216,14 @@ def test_editing_one_attack_reruns_only_that_attack(tiny, tmp_path):
     assert adv.attrs["attack"]["eps"] == pytest.approx(2 / 255) and float(np.max(adv["linf"][...])) <= 2 / 255 + 1e-7
 
 
-def test_a_stain_attack_and_its_jitter_control_run_on_the_same_tiles_and_report_their_pixel_change(tiny, tmp_path):
+def test_stain_and_snap_attacks_and_their_controls_run_on_the_same_tiles_and_report_their_pixel_change(tiny, tmp_path):
     run = copy_of_run(tiny, tmp_path)
     config = current_config(run)
     budget = config["attacks"]["pgd"]["budget"]
     config["attacks"]["stain"] = {"method": "stain_pgd", "eps": 0.02, "steps": 3, "budget": budget}
     config["attacks"]["stain_control"] = {"method": "stain_jitter", "eps": 0.02, "budget": budget}
+    config["attacks"]["snap"] = {"method": "snap", "eps": 0.05, "steps": 5, "budget": budget}
+    config["attacks"]["snap_control"] = {"method": "snap_median", "eps": 0.05, "budget": budget}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     since = time.time()
     ok(snakemake(run))
@@ -242,6 +244,22 @@ def test_a_stain_attack_and_its_jitter_control_run_on_the_same_tiles_and_report_
     assert attack.attrs["bound"]["norm"] == "stain" and attack.attrs["method_params"]["step_size"] == pytest.approx(
         2.5 * 0.02 / 3
     )
+    snap, snap_control = (
+        stores.open_store(
+            run / "results" / "attacks" / name / "demo_trained" / shard / "demo_000.zarr", kind=stores.ATTACK
+        )
+        for name in ("snap", "snap_control")
+    )
+    np.testing.assert_array_equal(snap["masks"][...], snap_control["masks"][...])  # same tiles, same masks
+    masks, adv = np.asarray(snap["masks"][...]), np.asarray(snap["adv_tiles"][...])
+    tiles_store = stores.find_slide_store(sorted((run / "results" / "tiles").iterdir()), "demo_000")
+    with TileReader(tiles_store, slide_path=run / "results" / "demo" / "slides" / "demo_000.tiff") as tiles:
+        clean = tiles.read(np.asarray(snap["index"][...]))
+    assert (
+        not ((adv != clean).any(axis=3) & (masks == 0)).any() and (masks.reshape(len(masks), -1).mean(1) <= 0.05).all()
+    )
+    assert summary["snap", "tile_cosine_distance"] > summary["snap_control", "tile_cosine_distance"]
+    assert (run / "results" / "plots" / "examples" / "snap" / "demo_trained.png").is_file()
 
 
 def test_transfer_matrix_perturbs_once_per_surrogate_and_its_diagonal_is_the_white_box_result(tiny, tmp_path):

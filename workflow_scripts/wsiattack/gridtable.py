@@ -56,13 +56,14 @@ NORM_HEADINGS = {
     "linf": "L∞ ball: every value within eps of the clean tile",
     "l2": "L2 ball of radius eps·sqrt(3·T²) for T px tiles (6.1 at eps 4/255 and T = 224): it contains the whole L∞ box",
     "stain": "stain space: eps is sigma of the H, E, DAB concentrations' scale and shift (column headings: sigma·255)",
+    "mask": "SNAP masks: eps is the masks' largest share of the tile's area (column headings: share·255)",
 }
 
 
 def markdown_tables(cells: pd.DataFrame, *, methods: list[str]) -> str:
     """Methods × eps per (encoder, mil, fraction, norm), in the sweep's order."""
     out = []
-    cells = cells.assign(norm_order=cells["norm"].map({"linf": 0, "l2": 1, "stain": 2}))  # L∞ first
+    cells = cells.assign(norm_order=cells["norm"].map({"linf": 0, "l2": 1, "stain": 2, "mask": 3}))  # L∞ first
     for (encoder, mil, fraction, _, norm), group in cells.groupby(["encoder", "mil", "fraction", "norm_order", "norm"]):
         eps = sorted(group["eps_255"].unique())
         out += [

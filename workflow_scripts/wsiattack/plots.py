@@ -84,9 +84,10 @@ def plot_examples(
         # a shuffled control ran no encoder: it has no objective, but the share of clipped values
         score = "objective" if "objective" in attack else "clipped"
         title = f"{attack.attrs['slide_id']} tile {index}\n{score} {float(attack[score][0]):.3f}"
-        columns.append((title, clean, adversarial, amplified, scale))
+        mask = np.asarray(attack["masks"][0]) if "masks" in attack else None  # SNAP: outlined on the difference
+        columns.append((title, clean, adversarial, amplified, scale, mask))
     fig, axes = plt.subplots(3, len(columns), figsize=(2.6 * len(columns), 8), squeeze=False)
-    for col, (title, clean, adversarial, amplified, scale) in enumerate(columns):
+    for col, (title, clean, adversarial, amplified, scale, mask) in enumerate(columns):
         for row, (image, label) in enumerate(
             ((clean, "clean"), (adversarial, "adversarial"), (amplified, f"difference x{255 // (2 * scale)}"))
         ):
@@ -95,6 +96,8 @@ def plot_examples(
             ax.set_xticks([])
             ax.set_yticks([])
             ax.set_title(title if row == 0 else label, fontsize=8)
+            if mask is not None and row == 2:
+                ax.contour(mask, levels=[0.5], colors="yellow", linewidths=0.6)
             if col == 0:
                 ax.set_ylabel(label)
     fig.tight_layout()

@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from wsiattack.attacks.params import METHOD_DEFAULTS, NORMS, OBJECTIVES, SELECTIONS, normalise_attack
+from wsiattack.attacks.params import MASK_SOURCES, METHOD_DEFAULTS, NORMS, OBJECTIVES, SELECTIONS, normalise_attack
 from wsiattack.errors import ConfigError
 from wsiattack.names import NAME_PATTERN
 
@@ -25,7 +25,13 @@ def load_schema() -> dict[str, Any]:
     schema = yaml.safe_load(resources.files("wsiattack").joinpath("schemas/config.schema.yaml").read_text())
     schema["$defs"]["name"]["pattern"] = f"^{NAME_PATTERN}$"
     attack = schema["$defs"]["attack"]["properties"]
-    vocabulary = {"method": METHOD_DEFAULTS, "norm": NORMS, "objective": OBJECTIVES, "selection": SELECTIONS}
+    vocabulary = {
+        "method": METHOD_DEFAULTS,
+        "norm": NORMS,
+        "objective": OBJECTIVES,
+        "selection": SELECTIONS,
+        "mask_source": MASK_SOURCES,
+    }
     for key, names in vocabulary.items():
         attack[key]["enum"] = list(names)
     return schema

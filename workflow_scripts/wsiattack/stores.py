@@ -13,8 +13,10 @@ Layouts (one zarr v3 group per slide, see README "On-disk layout"):
                   (after uint8 rounding; for ``mil_cross_entropy`` the slide's joint loss),
                   ``iterations`` int32 (gradient evaluations spent), ``best_step`` int32 (step of
                   the kept iterate, 0 = the random start), ``selection_score`` float32 (the
-                  selection's score of the tile: NaN for random, attention for attention).
-                  attrs: ``attack`` (the normalised entry incl. name, seed, ``mil``), ``encoder``,
+                  selection's score of the tile: NaN for random, attention for attention);
+                  masked methods (SNAP, ``attacks.snap``) add ``masks`` uint8 (k, T, T) (1 where
+                  pixels may change), ``mask_area`` float32 (share of the tile) and ``mask_blobs``
+                  int32 (blobs placed). attrs: ``attack`` (the normalised entry incl. name, seed, ``mil``), ``encoder``,
                   ``n_tiles``, ``k``, ``method_params`` (parameters actually used, ``step_size``
                   resolved), ``bound`` {norm, eps, radius} (radius in the norm's own units: eps,
                   or eps·sqrt(C·H·W) for L2), ``selection`` {strategy, probe_tiles,

@@ -25,6 +25,8 @@ class AttackOutcome:
     objective: torch.Tensor  # (k,) objective of that iterate
     iterations: torch.Tensor  # (k,) int64: gradient evaluations spent on the tile
     best_step: torch.Tensor  # (k,) int64: step that produced the kept iterate (0 = the start)
+    masks: torch.Tensor | None = None  # (k, H, W) bool: where a masked method (attacks.snap) may change pixels
+    blobs: torch.Tensor | None = None  # (k,) int64: blobs that make up each mask
 
 
 @contextlib.contextmanager

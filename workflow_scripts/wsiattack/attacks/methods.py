@@ -32,6 +32,7 @@ from wsiattack.attacks.driver import (  # noqa: F401 (re-exported)
 )
 from wsiattack.attacks.objectives import Objective, get_objective
 from wsiattack.attacks.params import FIXED_NORMS, METHOD_DEFAULTS, method_params
+from wsiattack.attacks.snap import Snap, SnapMedian, SnapRandom
 from wsiattack.attacks.stain import StainJitter, StainPGD
 
 
@@ -317,15 +318,23 @@ METHODS: dict[str, type[Method]] = {
     "noise": UniformNoise,
     "stain_pgd": StainPGD,
     "stain_jitter": StainJitter,
+    "snap": Snap,
+    "snap_median": SnapMedian,
+    "snap_random": SnapRandom,
 }
 
 
-def build_method(spec: dict[str, Any]) -> tuple[Method, Objective]:
-    """The attack callable and its objective from an attack entry (method defaults filled in)."""
+def build_method(spec: dict[str, Any], *, tile_mpp: float | None = None) -> tuple[Method, Objective]:
+    """The attack callable and its objective from an attack entry (method defaults filled in).
+
+    ``tile_mpp`` (µm per pixel of the tiles) is passed to the methods that size things in µm (SNAP's blobs).
+    """
     where = f"attacks.{spec.get('name', '?')}"
     params = method_params(spec, where=where, strict=False)
     method = METHODS[spec["method"]]
     accepted = {f.name for f in fields(method) if f.init}
+    if "tile_mpp" in accepted:
+        params["tile_mpp"] = tile_mpp
     return method(eps=float(spec["eps"]), **{k: v for k, v in params.items() if k in accepted}), get_objective(
         spec.get("objective", "cosine")
     )

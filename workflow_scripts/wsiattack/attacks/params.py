@@ -27,6 +27,10 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "shuffled": {"source": None},  # attacks.shuffle: another attack's perturbation, spatially shuffled
     # attacks.universal: one pattern per (encoder, fold), learned on train_tiles tiles of each training slide
     "universal": {"steps": 100, "step_size": None, "train_tiles": 8, "batch_tiles": 16},
+    # attacks.snap: eps is the masks' largest share of the tile's area; blob_um the blobs' diameter range
+    "snap": {"steps": 100, "step_size": 0.01, "blobs": 12, "blob_um": [5.0, 12.0], "mask_source": "nuclei"},
+    "snap_median": {"blobs": 12, "blob_um": [5.0, 12.0], "mask_source": "nuclei"},
+    "snap_random": {"blobs": 12, "blob_um": [5.0, 12.0], "mask_source": "nuclei"},
 }
 
 # The ball of the methods without a `norm` parameter (C&W is L2 by construction; the noise
@@ -38,14 +42,21 @@ FIXED_NORMS = {
     "stain_jitter": "stain",
     "shuffled": "shuffled",
     "universal": "linf",
+    "snap": "mask",
+    "snap_median": "mask",
+    "snap_random": "mask",
 }
 STAIN_METHODS = frozenset({"stain_pgd", "stain_jitter"})
+SNAP_METHODS = frozenset({"snap", "snap_median", "snap_random"})
+# methods whose change is not a pixel-space ball, so the vulnerability probe (a signed step in one) does not apply
+NON_BALL_METHODS = STAIN_METHODS | SNAP_METHODS
 
 
 def attack_norm(entry: Mapping[str, Any]) -> str:
-    """``linf``, ``l2`` or ``stain``: what an attack entry's ``eps`` bounds (``bounds.Ball``: L2
-    radius is eps·sqrt(C·H·W), so "eps 4/255" means a very different budget in the two norms;
-    ``attacks.stain``: sigma of the stain concentrations' scale and shift)."""
+    """``linf``, ``l2``, ``stain`` or ``mask``: what an attack entry's ``eps`` bounds (``bounds.Ball``:
+    L2 radius is eps·sqrt(C·H·W), so "eps 4/255" means a very different budget in the two norms;
+    ``attacks.stain``: sigma of the stain concentrations' scale and shift; ``attacks.snap``: the
+    masks' largest share of the tile's area)."""
     return entry.get("norm") or FIXED_NORMS.get(entry["method"], "linf")
 
 
@@ -61,6 +72,7 @@ NORMS = ("linf", "l2")
 OBJECTIVES = ("cosine", "l2", "mil_cross_entropy")  # attacks.objectives implements each
 SELECTIONS = ("random", "vulnerability", "centrality", "attention")
 GRAY_BOX_SELECTIONS = frozenset({"attention"})  # selections that use the downstream model
+MASK_SOURCES = ("nuclei", "ellipses")  # attacks.snap: where the blobs' shapes come from
 ORACLE_OBJECTIVES = frozenset({"mil_cross_entropy"})  # objectives that use it (and the label)
 
 METHOD_PARAMS = frozenset(key for defaults in METHOD_DEFAULTS.values() for key in defaults)
@@ -96,7 +108,7 @@ def normalise_attack(entry: Mapping[str, Any], *, where: str) -> dict[str, Any]:
         raise ConfigError(
             f"config: {where}.eps: 0 is only meaningful for the noise method (the null control: the tiles unmodified); use a bound > 0"
         )
-    if entry["method"] in STAIN_METHODS and entry.get("selection") == "vulnerability":
+    if entry["method"] in NON_BALL_METHODS and entry.get("selection") == "vulnerability":
         raise ConfigError(
             f"config: {where}.selection: the vulnerability probe is a pixel-space gradient step and does not apply to method {entry['method']!r}; use random, centrality or attention"
         )

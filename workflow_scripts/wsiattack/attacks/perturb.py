@@ -2,7 +2,8 @@
 
 The attack store holds, per perturbed tile: ``index``, ``adv_tiles``, achieved ``linf`` and
 ``l2`` (of the stored uint8 tile), ``objective_before_rounding``, ``objective`` (after
-rounding), ``iterations`` (gradient evaluations), ``best_step`` and ``selection_score``; attrs
+rounding), ``iterations`` (gradient evaluations), ``best_step`` and ``selection_score`` (and for
+the masked SNAP methods ``masks``, ``mask_area``, ``mask_blobs``); attrs
 record the spec, the method parameters actually used, the bound, the selection and its probe
 cost in tiles, and the threat model (``params.threat_marking``; plus ``mil_head``, the model and
 fold of the head, for the gray-box attacks). The full list is in ``stores``.
@@ -93,7 +94,7 @@ def _perturb_tiles(
     mil_head: MILHead | None,
 ) -> int:
     n_tiles = tiles.shape[0]
-    method, objective = build_method(spec)
+    method, objective = build_method(spec, tile_mpp=tiles.group.attrs.get("target_mpp"))
     k = tiles_to_attack(n_tiles, **spec["budget"])
     if k == 0:  # a slide left empty by tiling.skip_empty: nothing to attack, say so in the store
         attrs = {
@@ -340,6 +341,11 @@ def _attack_batch(
         "iterations": outcome.iterations.cpu().numpy().astype(np.int32),
         "best_step": outcome.best_step.cpu().numpy().astype(np.int32),
     }
+    if outcome.masks is not None:  # masked methods (SNAP): the masks, so area and count can be checked
+        masks = outcome.masks.cpu().numpy()
+        arrays["masks"] = masks.astype(np.uint8)
+        arrays["mask_area"] = masks.reshape(len(masks), -1).mean(axis=1).astype(np.float32)
+        arrays["mask_blobs"] = outcome.blobs.cpu().numpy().astype(np.int32)
     return arrays, adversarial_embedding
 
 
