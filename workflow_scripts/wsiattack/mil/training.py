@@ -8,7 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -54,6 +54,14 @@ class MILTrainingSpec:
             )
 
 
+class BagHook(Protocol):
+    """What ``train_mil`` asks of a hook: the bag to train on at a step, and a call after the step."""
+
+    def bag(self, index: int, clean: Tensor) -> Tensor: ...
+
+    def after_step(self, index: int) -> None: ...
+
+
 @dataclass(frozen=True)
 class MILTrainingResult:
     """The trained model (eval mode) and how its training went, recorded in its checkpoint."""
@@ -75,11 +83,15 @@ def train_mil(
     spec: MILTrainingSpec,
     val_bags: Sequence[Tensor] = (),
     val_labels: Sequence[int] = (),
+    bag_hook: BagHook | None = None,
 ) -> MILTrainingResult:
     """Train ``spec.model`` on (bag, label) pairs, one bag per step, early-stopped on the val bags.
 
     Classes are weighted by inverse frequency in the training bags (in the validation loss too).
     Deterministic given the inputs and ``spec.seed``; the global torch RNG is left untouched.
+    ``bag_hook`` (the backdoor's poisoning, ``wsiattack.backdoor``) may replace a training bag at
+    each step and learns along with the head; without it, or with one that changes no bag, the
+    result is the clean training's.
     """
     bags = _as_float_bags(bags)
     targets = _check_labels(labels, n_bags=len(bags), n_classes=n_classes)
@@ -97,7 +109,13 @@ def train_mil(
         for epoch in range(1, spec.epochs + 1):
             order = torch.randperm(len(bags), generator=order_generator)
             train_loss = _train_epoch(
-                model=model, optimizer=optimizer, bags=bags, targets=targets, class_weights=class_weights, order=order
+                model=model,
+                optimizer=optimizer,
+                bags=bags,
+                targets=targets,
+                class_weights=class_weights,
+                order=order,
+                bag_hook=bag_hook,
             )
             val_loss = _mean_loss(model, validation, val_targets, class_weights=class_weights) if validation else None
             if epoch == 1 or epoch % LOG_EVERY_EPOCHS == 0 or epoch == spec.epochs:
@@ -137,14 +155,18 @@ def _train_epoch(
     targets: Tensor,
     class_weights: Tensor,
     order: Tensor,
+    bag_hook: BagHook | None = None,
 ) -> float:
     model.train()
     total = 0.0
     for index in order.tolist():
         optimizer.zero_grad()
-        loss = model.loss(bags[index], targets[index : index + 1], class_weights=class_weights)
+        bag = bags[index] if bag_hook is None else bag_hook.bag(index, bags[index])
+        loss = model.loss(bag, targets[index : index + 1], class_weights=class_weights)
         loss.backward()
         optimizer.step()
+        if bag_hook is not None:
+            bag_hook.after_step(index)
         total += loss.item()
     return total / len(order)
 
