@@ -24,7 +24,7 @@ import torch
 from wsiattack import extraction, stores, tiling
 from wsiattack.attacks.perturb import perturb_slide
 from wsiattack.attacks.shuffle import shuffle_slide
-from wsiattack.attacks.universal import apply_universal_slide, fold_of_slides
+from wsiattack.attacks.universal import apply_universal_slide, fold_of_slides, read_pattern
 from wsiattack.encoders.model import TileEncoder
 from wsiattack.errors import StoreError
 
@@ -169,16 +169,20 @@ def universal_shard(
     """Each slide's selected tiles plus the universal pattern of the fold in which it is a test
     slide (learned without it, ``attacks.universal``); return the tiles perturbed."""
     fold_of = fold_of_slides(splits_csv)
+    patterns: dict[int, tuple] = {}  # each fold's pattern read and checked once per shard
     total = 0
     with stores.atomic_dir(out_attacks) as tmp:
         for slide in slides:
             if slide.slide_id not in fold_of:
                 raise StoreError(f"{slide.slide_id}: not in {splits_csv}; re-run the split rule")
+            fold = fold_of[slide.slide_id]
+            if fold not in patterns:
+                patterns[fold] = read_pattern(pattern_of_fold[fold], spec=spec)
             total += apply_universal_slide(
                 slide_id=slide.slide_id,
                 tiles_store=slide.tiles_store,
                 slide_path=slide.slide_path,
-                pattern_store=pattern_of_fold[fold_of[slide.slide_id]],
+                pattern=patterns[fold],
                 spec=spec,
                 out_store=stores.slide_store(tmp, slide.slide_id),
             )

@@ -91,7 +91,10 @@ def method_params(entry: Mapping[str, Any], *, where: str, strict: bool) -> dict
     defaults = METHOD_DEFAULTS[method]
     if strict:
         _refuse_foreign(entry, method=method, where=where)
-    params = {key: entry[key] if entry.get(key) is not None else value for key, value in defaults.items()}
+    # deep copies: a default list (snap's blob_um) must not be shared with every entry that uses it
+    params = {
+        key: copy.deepcopy(entry[key] if entry.get(key) is not None else value) for key, value in defaults.items()
+    }
     if "step_size" in params and params["step_size"] is None:
         params["step_size"] = derived_step_size(method, eps=float(entry["eps"]), steps=params["steps"])
     return params

@@ -252,13 +252,14 @@ def apply_universal_slide(
     *,
     slide_id: str,
     tiles_store: str | Path,
-    pattern_store: str | Path,
+    pattern: tuple[np.ndarray, Mapping[str, Any]],
     spec: Mapping[str, Any],
     out_store: str | Path,
     slide_path: str | Path | None = None,
 ) -> int:
-    """Add the slide's fold's pattern to the slide's selected tiles and write its attack store; return k."""
-    levels, pattern_attrs = read_pattern(pattern_store, spec=spec)
+    """Add the slide's fold's pattern (``read_pattern``: levels and attrs) to the slide's selected
+    tiles and write its attack store; return k."""
+    levels, pattern_attrs = pattern
     with TileReader(tiles_store, slide_path=slide_path) as tiles:
         n_tiles = tiles.shape[0]
         k = tiles_to_attack(n_tiles, **spec["budget"]) if n_tiles else 0
