@@ -11,10 +11,11 @@ from wsiattack import config as wsiconfig
 from wsiattack import stores
 from wsiattack.attacks.methods import build_method
 from wsiattack.attacks.perturb import perturb_slide
-from wsiattack.attacks.snap import blob_mask, colour_box, nucleus_shapes, otsu_threshold
+from wsiattack.attacks.snap import blob_mask, colour_box, nucleus_shapes
 from wsiattack.encoders.embedding import channels_first, to_unit_pixels
 from wsiattack.errors import AttackError, ConfigError
 from wsiattack.synthetic import render_slide
+from wsiattack.tissue import otsu_threshold
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -74,8 +75,8 @@ def test_otsu_threshold_matches_scikit_image():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(0.1, 0.03, 5000), rng.normal(0.6, 0.1, 2000)])
     bin_width = np.ptp(values) / 256
-    assert otsu_threshold(values) == pytest.approx(threshold_otsu(values, nbins=256), abs=bin_width)
-    assert 0.2 < otsu_threshold(values) < 0.45
+    assert otsu_threshold(values, value_range=None) == pytest.approx(threshold_otsu(values, nbins=256), abs=bin_width)
+    assert 0.2 < otsu_threshold(values, value_range=None) < 0.45
 
 
 def test_nucleus_shapes_come_from_the_haematoxylin_channel_within_the_size_range(he_tiles):

@@ -10,9 +10,12 @@ from scipy import ndimage
 MIN_SATURATION = 0.08
 
 
-def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1] (maximises the between-class variance)."""
-    hist, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
+def otsu_threshold(
+    values: np.ndarray, *, bins: int = 256, value_range: tuple[float, float] | None = (0.0, 1.0)
+) -> float:
+    """Otsu's threshold (maximises the between-class variance) of values in ``value_range``
+    (None: the values' own range, as for stain concentrations)."""
+    hist, edges = np.histogram(values, bins=bins, range=value_range)
     centers = (edges[:-1] + edges[1:]) / 2
     weight_low = np.cumsum(hist)
     weight_high = weight_low[-1] - weight_low

@@ -41,6 +41,7 @@ from wsiattack.attacks.objectives import ObjectiveFn
 from wsiattack.attacks.params import MASK_SOURCES, METHOD_DEFAULTS
 from wsiattack.attacks.stain import rgb_to_hed
 from wsiattack.errors import AttackError, ConfigError
+from wsiattack.tissue import otsu_threshold
 
 _ASPECT_RANGE = (0.6, 1.0)  # minor / major axis of the fallback ellipses
 _SMOOTH_PX = 1.0  # Gaussian sigma on the haematoxylin map before thresholding
@@ -69,19 +70,6 @@ class MaskBudget:
         return torch.round(adversarial * 255).clamp_(0, 255).to(torch.uint8)
 
 
-def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:
-    """Otsu's threshold of ``values``: the cut maximising the between-class variance."""
-    counts, edges = np.histogram(values, bins=bins)
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(counts)
-    weight_high = weight_low[-1] - weight_low
-    sum_low = np.cumsum(counts * centres)
-    mean_low = sum_low / np.maximum(weight_low, 1)
-    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
-
-
 def _diameter(area: np.ndarray | float) -> np.ndarray | float:
     return 2 * np.sqrt(np.asarray(area) / np.pi)
 
@@ -92,7 +80,7 @@ def nucleus_shapes(tile: np.ndarray, *, diameter_px: tuple[float, float]) -> lis
     haematoxylin = ndimage.gaussian_filter(rgb_to_hed(pixels)[0, 0].numpy(), _SMOOTH_PX)
     if np.ptp(haematoxylin) == 0:
         return []
-    labels, _ = ndimage.label(haematoxylin > otsu_threshold(haematoxylin))
+    labels, _ = ndimage.label(haematoxylin > otsu_threshold(haematoxylin, value_range=None))
     shapes = []
     for number, window in enumerate(ndimage.find_objects(labels), start=1):
         shape = labels[window] == number
