@@ -155,11 +155,16 @@ class Method:
     ) -> AttackOutcome:
         with attack_mode(encoder, device=clean.device):
             problem = Problem(encoder=encoder, clean=clean, reference=reference, objective=objective, ball=self.ball)
-            best = self._run(problem, generator)
-            for _ in range(self.restarts - 1):
-                best = best.merge(self._run(problem, generator))
+            best, extras = self._solve(problem, generator)
         iterations = torch.full_like(best.step, problem.evaluations)
-        return AttackOutcome(best.x, best.value, iterations, best.step)
+        return AttackOutcome(best.x, best.value, iterations, best.step, **extras)
+
+    def _solve(self, problem: Problem, generator: torch.Generator) -> tuple[BestIterate, dict[str, torch.Tensor]]:
+        """The best iterate over the restarts, and extra outcome fields (a masked method's masks)."""
+        best = self._run(problem, generator)
+        for _ in range(self.restarts - 1):
+            best = best.merge(self._run(problem, generator))
+        return best, {}
 
     def _run(self, problem: Problem, generator: torch.Generator) -> BestIterate:
         raise NotImplementedError

@@ -34,10 +34,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy import ndimage
-from torch import nn
 
-from wsiattack.attacks.driver import AttackOutcome, BestIterate, Method, Problem, attack_mode
-from wsiattack.attacks.objectives import ObjectiveFn
+from wsiattack.attacks.driver import BestIterate, Method, Problem
 from wsiattack.attacks.params import MASK_SOURCES, METHOD_DEFAULTS
 from wsiattack.attacks.stain import rgb_to_hed
 from wsiattack.errors import AttackError, ConfigError
@@ -185,21 +183,9 @@ class _SnapMethod(Method):
         masks = torch.as_tensor(np.stack([mask for mask, _ in drawn]))[:, None].to(clean.device, clean.dtype)
         return masks, torch.as_tensor([placed for _, placed in drawn], dtype=torch.int64)
 
-    def __call__(
-        self,
-        *,
-        encoder: nn.Module,
-        clean: torch.Tensor,
-        reference: torch.Tensor,
-        generator: torch.Generator,
-        objective: ObjectiveFn,
-    ) -> AttackOutcome:
-        with attack_mode(encoder, device=clean.device):
-            problem = Problem(encoder=encoder, clean=clean, reference=reference, objective=objective, ball=self.ball)
-            masks, blobs = self.masks(problem.clean, generator)
-            best = self._fill(problem, masks, generator)
-        iterations = torch.full_like(best.step, problem.evaluations)
-        return AttackOutcome(best.x, best.value, iterations, best.step, masks=masks[:, 0] > 0, blobs=blobs)
+    def _solve(self, problem: Problem, generator: torch.Generator) -> tuple[BestIterate, dict[str, torch.Tensor]]:
+        masks, blobs = self.masks(problem.clean, generator)  # one set of masks: no restarts
+        return self._fill(problem, masks, generator), {"masks": masks[:, 0] > 0, "blobs": blobs}
 
     def _fill(self, problem: Problem, masks: torch.Tensor, generator: torch.Generator) -> BestIterate:
         raise NotImplementedError
