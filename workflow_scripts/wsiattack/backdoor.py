@@ -33,6 +33,8 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from wsiattack.attacks.budget import tiles_to_attack
+from wsiattack.attacks.selection import random_selection
 from wsiattack.errors import CohortError, ConfigError
 
 TRIGGER_KINDS = ("bapl", "patch", "noise")
@@ -117,9 +119,9 @@ def few_shot(train: pd.DataFrame, *, shots: int | None, rng: np.random.Generator
 
 
 def trigger_rows(n_tiles: int, *, fraction: float, min_tiles: int, rng: np.random.Generator) -> np.ndarray:
-    """The sorted rows of a slide's bag that carry the trigger: ``fraction`` of its tiles, at least ``min_tiles``."""
-    k = min(n_tiles, max(min_tiles, int(round(fraction * n_tiles))))
-    return np.sort(rng.choice(n_tiles, size=k, replace=False))
+    """The sorted rows of a slide's bag that carry the trigger: ``fraction`` of its tiles, at least
+    ``min_tiles`` (the attacks' budget and random selection)."""
+    return random_selection(n_tiles, k=tiles_to_attack(n_tiles, fraction=fraction, min_tiles=min_tiles), rng=rng).index
 
 
 @dataclass

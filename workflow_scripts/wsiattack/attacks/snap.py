@@ -68,10 +68,6 @@ class MaskBudget:
         return torch.round(adversarial * 255).clamp_(0, 255).to(torch.uint8)
 
 
-def _diameter(area: np.ndarray | float) -> np.ndarray | float:
-    return 2 * np.sqrt(np.asarray(area) / np.pi)
-
-
 def nucleus_shapes(tile: np.ndarray, *, diameter_px: tuple[float, float]) -> list[np.ndarray]:
     """Boolean crops of the tile's nuclei (uint8 (H, W, 3)) whose equivalent diameter is in range."""
     pixels = torch.as_tensor(tile, dtype=torch.float32).permute(2, 0, 1)[None] / 255
@@ -82,7 +78,7 @@ def nucleus_shapes(tile: np.ndarray, *, diameter_px: tuple[float, float]) -> lis
     shapes = []
     for number, window in enumerate(ndimage.find_objects(labels), start=1):
         shape = labels[window] == number
-        if diameter_px[0] <= _diameter(shape.sum()) <= diameter_px[1]:
+        if diameter_px[0] <= 2 * np.sqrt(shape.sum() / np.pi) <= diameter_px[1]:  # equivalent diameter
             shapes.append(shape)
     return shapes
 
