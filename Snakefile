@@ -25,6 +25,7 @@ include: "rules/extract.smk"
 include: "rules/attack.smk"
 include: "rules/mil.smk"
 include: "rules/report.smk"
+include: "rules/backdoor.smk"
 
 
 # Cohort-level steps that read a few small files run where Snakemake runs, not as cluster jobs:
@@ -43,6 +44,8 @@ localrules:
     plot_examples,
     transfer_matrix,
     plot_universal,
+    backdoor_table,
+    plot_backdoor_trigger,
 
 
 rule all:
@@ -53,6 +56,8 @@ rule all:
         "results/plots/metrics.png",
         "results/plots/factors.png",
         ["results/transfer.csv", "results/plots/transfer.png"] if "transfer" in CONFIG else [],
+        ["results/backdoor.csv", "results/plots/backdoor.png"] if BACKDOOR else [],
+        expand("results/plots/backdoor/{encoder}_trigger.png", encoder=ENCODERS if BACKDOOR else []),
         expand("results/plots/examples/{attack}/{encoder}.png", attack=ATTACKS, encoder=ENCODERS),
         [
             f"results/plots/universal/{attack}/{encoder}.png"

@@ -201,3 +201,33 @@ def example_shards(wildcards):
     """The shards that hold the example slides."""
     wanted = set(example_slides(wildcards))
     return [shard for shard, members in shards().items() if wanted.intersection(members)]
+
+
+# The backdoor branch (rules/backdoor.smk), when the config has a backdoor block.
+BACKDOOR = CONFIG.get("backdoor")
+BACKDOOR_SHOTS = wsiconfig.backdoor_shots(CONFIG) if BACKDOOR else []
+BACKDOOR_DIR = "results/backdoor/{encoder}/{mil}"
+
+
+def backdoor_results(suffix):
+    """Every backdoor job's output with ``suffix`` (.csv, .zarr): the clean head per encoder and
+    shots setting, and each (trigger, target) on top of it."""
+    if not BACKDOOR:
+        return []
+    mil = BACKDOOR["mil"]
+    clean = expand(f"{BACKDOOR_DIR}/clean/shots_{{shots}}{suffix}", encoder=ENCODERS, mil=mil, shots=BACKDOOR_SHOTS)
+    poisoned = expand(
+        f"{BACKDOOR_DIR}/{{trigger}}/{{target}}/shots_{{shots}}{suffix}",
+        encoder=ENCODERS,
+        mil=mil,
+        trigger=BACKDOOR["triggers"],
+        target=BACKDOOR["targets"],
+        shots=BACKDOOR_SHOTS,
+    )
+    return clean + poisoned
+
+
+def backdoor_example(wildcards):
+    """The store whose example triggered tile is drawn: the first trigger, target and shots setting."""
+    trigger, target, shots = BACKDOOR["triggers"][0], BACKDOOR["targets"][0], BACKDOOR_SHOTS[0]
+    return f"results/backdoor/{wildcards.encoder}/{BACKDOOR['mil']}/{trigger}/{target}/shots_{shots}.zarr"

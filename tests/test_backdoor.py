@@ -128,7 +128,9 @@ def triggered_predictions(toy, model, trigger, delta):
     out = []
     for slide_tiles, bag in zip(tiles, bags, strict=True):
         rows = torch.as_tensor(trigger_rows(N_TILES, fraction=0.25, min_tiles=1, rng=rng))
-        bag = triggered_bag(bag, rows=rows, tiles=slide_tiles[rows], encoder=encoder, trigger=trigger, delta=delta)
+        with torch.no_grad():
+            embedded = encoder(trigger.apply(slide_tiles[rows], delta))
+        bag = triggered_bag(bag, rows=rows, triggered_embeddings=embedded)
         out.append(int(np.argmax(predict_bag(model, bag)[0])))
     return out
 

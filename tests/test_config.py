@@ -34,6 +34,7 @@ OVERLAYS = {
     "transfer_study.yaml": "config.yaml",
     "universal_study.yaml": "config.yaml",
     "snap_study.yaml": "config.yaml",
+    "backdoor_study.yaml": "config.yaml",
 }
 
 

@@ -17,6 +17,7 @@ from wsiattack.attacks.params import resolve_mil
 from wsiattack.attacks.sweep import expand_sweep
 from wsiattack.attacks.transfer import check_derived, expand_transfer
 from wsiattack.errors import ConfigError
+from wsiattack.names import BACKDOOR_ALL_SHOTS, BACKDOOR_CLEAN_HEAD
 
 # check_attack_entry, load_schema and parse_pixel_fraction are also used as wsiconfig.* by rule code
 from wsiattack.schema import (  # noqa: F401
@@ -39,8 +40,23 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
         error = errors[0]
         raise ConfigError(f"config: {where_of(error)}: {short_message(error)}")
     _normalise_attacks(checked)
+    if "backdoor" in checked:
+        _normalise_backdoor(checked)
     _check_encoders(checked)
     return checked
+
+
+def _normalise_backdoor(config: dict[str, Any]) -> None:
+    """Targets (null: every class) and the MIL model (null: the first) resolved; eps as a number."""
+    backdoor, classes, models = config["backdoor"], config["classes"], config["mil"]["models"]
+    backdoor["targets"] = list(classes) if backdoor["targets"] is None else backdoor["targets"]
+    unknown = [target for target in backdoor["targets"] if target not in classes]
+    if unknown:
+        raise ConfigError(f"config: backdoor: targets: {unknown} not under classes ({', '.join(classes)})")
+    backdoor["mil"] = backdoor["mil"] or models[0]
+    if backdoor["mil"] not in models:
+        raise ConfigError(f"config: backdoor: mil: {backdoor['mil']!r} is not under mil.models ({', '.join(models)})")
+    backdoor["eps"] = parse_pixel_fraction(backdoor["eps"], where="backdoor.eps")
 
 
 def _normalise_attacks(config: dict[str, Any]) -> None:
@@ -124,6 +140,33 @@ def mil_spec(config: Mapping[str, Any], model: str) -> dict[str, Any]:
     """Training settings of one MIL model: its own hparams only, so editing another's re-runs nothing here."""
     spec = {k: copy.deepcopy(v) for k, v in config["mil"].items() if k not in ("models", "hparams")}
     return {"model": model, **spec, "hparams": copy.deepcopy(config["mil"]["hparams"].get(model, {}))}
+
+
+# Backdoor settings a job's result does not depend on (left out of its spec, so editing them re-runs nothing there)
+_BACKDOOR_UNUSED = {
+    BACKDOOR_CLEAN_HEAD: ("poison_rate", "eps", "step_size"),  # the clean head: nothing poisoned, tested with the patch
+    "patch": ("eps", "step_size"),
+    "noise": ("patch_px", "corner"),
+    "bapl": (),
+}
+
+
+def backdoor_spec(config: Mapping[str, Any], *, trigger: str, target: str | None, shots: str) -> dict[str, Any]:
+    """One backdoor job's settings (``wsiattack.backdoor.run_backdoor``): what its head and trigger
+    depend on; ``trigger`` "clean" is the clean head (no target), ``shots`` a number or "all"."""
+    dropped = {"triggers", "targets", "shots", *_BACKDOOR_UNUSED[trigger]}
+    settings = {k: copy.deepcopy(v) for k, v in config["backdoor"].items() if k not in dropped}
+    mil = {**mil_spec(config, settings.pop("mil")), "classes": config["classes"]}
+    return {
+        "backdoor": {**settings, "trigger": trigger, "target": target, "shots": shots},
+        "mil": mil,
+        "tile_px": config["tiling"]["tile_px"],
+    }
+
+
+def backdoor_shots(config: Mapping[str, Any]) -> list[str]:
+    """The backdoor block's shots settings as job names: a number of slides per class, or "all"."""
+    return [BACKDOOR_ALL_SHOTS if shots is None else str(shots) for shots in config["backdoor"]["shots"]]
 
 
 def split_spec(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,3 +13,9 @@ _NAME = re.compile(rf"^{NAME_PATTERN}$")
 
 def is_valid_name(value: object) -> bool:
     return isinstance(value, str) and _NAME.match(value) is not None
+
+
+# Reserved names of the backdoor branch's paths (rules/backdoor.smk): the clean head's trigger
+# (nothing poisoned) and the shots setting "every training slide".
+BACKDOOR_CLEAN_HEAD = "clean"
+BACKDOOR_ALL_SHOTS = "all"

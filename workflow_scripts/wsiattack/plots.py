@@ -270,3 +270,60 @@ def plot_universal(pattern_stores: Sequence[str | Path], out_png: str | Path) ->
     curves.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, out_png)
+
+
+def plot_backdoor(table: pd.DataFrame, out_png: str | Path) -> None:
+    """Per (encoder, MIL model, shots): CA and BA on non-target slides per trigger, a bar per
+    target with its exact interval (the clean head's BA: the trigger on an honest head)."""
+    panels = [("clean_accuracy", "clean accuracy (CA)"), ("backdoor_accuracy_non_target", "BA, non-target slides")]
+    rows = table[table["target"] != "mean"]  # backdoortable.MEAN_TARGET: the average over targets
+    groups = list(rows.groupby(["encoder", "mil", "shots"], sort=False))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.4 * len(groups)), squeeze=False)
+    for row, ((encoder, mil, shots), group) in enumerate(groups):
+        triggers = list(dict.fromkeys(group["trigger"]))
+        targets = list(dict.fromkeys(group["target"]))
+        width = 0.8 / len(targets)
+        for col, (metric, title) in enumerate(panels):
+            ax = axes[row][col]
+            for j, target in enumerate(targets):
+                part = group[group["target"] == target].set_index("trigger").reindex(triggers)
+                value = part[metric].to_numpy(dtype=float)
+                errors = np.abs(part[[f"{metric}_ci_low", f"{metric}_ci_high"]].to_numpy(dtype=float).T - value)
+                x = np.arange(len(triggers)) + (j - (len(targets) - 1) / 2) * width
+                ax.bar(x, value, width, yerr=errors, capsize=3, label=f"target {target}")
+            ax.set_xticks(range(len(triggers)), triggers)
+            ax.set_ylim(0, 1.05)
+            ax.set_title(f"{encoder} / {mil}, shots {shots}: {title}", fontsize=9)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, out_png)
+
+
+def plot_backdoor_trigger(store_path: str | Path, out_png: str | Path) -> None:
+    """A test tile clean and triggered (the quantised image the head saw), their difference
+    scaled to the full grey range, and the patch."""
+    group = stores.open_store(store_path, kind=stores.BACKDOOR)
+    settings = group.attrs["spec"]["backdoor"]
+    fig, axes = plt.subplots(1, 4, figsize=(11, 3.2))
+    if "example_clean" in group:
+        clean = np.asarray(group["example_clean"][...])
+        triggered = np.asarray(group["example_triggered"][...])
+        difference = triggered.astype(np.float32) - clean
+        radius = max(1.0, float(np.abs(difference).max()))
+        panels = [
+            (clean, "clean tile"),
+            (triggered, f"triggered ({settings['trigger']})"),
+            (((difference / radius + 1) * 127.5).astype(np.uint8), f"difference, ±{radius:.0f} grey levels"),
+        ]
+    else:
+        panels = [(None, "no triggered tile")] * 3
+    panels.append((np.asarray(group["patch"][...]), f"patch ({group['patch'].shape[0]} px)"))
+    for ax, (image, title) in zip(axes, panels, strict=True):
+        if image is not None:
+            ax.imshow(image, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"target {settings['target']}, shots {settings['shots']}, seed {settings['seed']}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, out_png)

@@ -64,6 +64,7 @@ ATTACK = "attack"
 REEMBEDDED = "reembedded"
 TILE_WEIGHTS = "tile_weights"
 UNIVERSAL = "universal"  # one universal perturbation (attacks.universal)
+BACKDOOR = "backdoor"  # one backdoor job's learned triggers and example tile (backdoor.run_backdoor)
 ACHIEVED_CHANGE = ("linf", "rms")  # per perturbed tile, of the stored uint8 tile, pixel units
 
 # Tiles per chunk along N: small enough that the extraction loader can prefetch chunk by chunk,

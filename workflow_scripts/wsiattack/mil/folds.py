@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,49 @@ def usable(splits: pd.DataFrame, features: Mapping[str, np.ndarray]) -> pd.DataF
     return splits[[len(features[s]) > 0 for s in splits["slide_id"]]]
 
 
+@dataclass(frozen=True)
+class FoldData:
+    """One fold's training and validation slides (rows of the splits table), their training seed,
+    and the class names; what every head trained on the fold sees (clean or backdoored)."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    seed: int
+    classes: list[str]
+
+    def bags_and_labels(
+        self, rows: pd.DataFrame, features: Mapping[str, np.ndarray]
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        bags = [torch.from_numpy(features[s]) for s in rows["slide_id"]]
+        return bags, [self.classes.index(label) for label in rows["label"]]
+
+
+def fold_data(splits: pd.DataFrame, features: Mapping[str, np.ndarray], *, spec: Mapping[str, Any]) -> FoldData:
+    """The slides outside test fold ``spec['fold']`` that have tiles, split into training and (with
+    ``spec['val_fraction'] > 0``) an inner validation part, by patient and stratified."""
+    fold_train = usable(splits, features)
+    fold_train = fold_train[fold_train["fold"] != spec["fold"]]
+    seed = spec["seed"] + spec["fold"]
+    is_val = (
+        inner_validation(fold_train, fraction=spec["val_fraction"], seed=seed)
+        if spec["val_fraction"] > 0
+        else pd.Series(False, index=fold_train.index)
+    )
+    return FoldData(train=fold_train[~is_val], val=fold_train[is_val], seed=seed, classes=list(spec["classes"]))
+
+
+def training_spec(spec: Mapping[str, Any], *, seed: int) -> MILTrainingSpec:
+    return MILTrainingSpec(
+        model=spec["model"],
+        epochs=spec["epochs"],
+        lr=spec["lr"],
+        weight_decay=spec["weight_decay"],
+        seed=seed,
+        patience=spec["patience"],
+        hparams=spec.get("hparams", {}),
+    )
+
+
 def train_fold(
     *, splits_csv: str | Path, feature_stores: Sequence[str | Path], spec: Mapping[str, Any], out_model: str | Path
 ) -> None:
@@ -39,41 +83,22 @@ def train_fold(
     """
     splits = pd.read_csv(splits_csv, dtype={"slide_id": str})
     features = read_features(feature_stores)
-    fold_train = usable(splits, features)
-    fold_train = fold_train[fold_train["fold"] != spec["fold"]]
-    seed = spec["seed"] + spec["fold"]
-    is_val = (
-        inner_validation(fold_train, fraction=spec["val_fraction"], seed=seed)
-        if spec["val_fraction"] > 0
-        else pd.Series(False, index=fold_train.index)
-    )
-    classes = list(spec["classes"])
-    train, val = fold_train[~is_val], fold_train[is_val]
-
-    def bags_and_labels(rows: pd.DataFrame) -> tuple[list[torch.Tensor], list[int]]:
-        return [torch.from_numpy(features[s]) for s in rows["slide_id"]], [
-            classes.index(label) for label in rows["label"]
-        ]
-
-    bags, labels = bags_and_labels(train)
-    val_bags, val_labels = bags_and_labels(val)
-    training = MILTrainingSpec(
-        model=spec["model"],
-        epochs=spec["epochs"],
-        lr=spec["lr"],
-        weight_decay=spec["weight_decay"],
-        seed=seed,
-        patience=spec["patience"],
-        hparams=spec.get("hparams", {}),
-    )
+    data = fold_data(splits, features, spec=spec)
+    bags, labels = data.bags_and_labels(data.train, features)
+    val_bags, val_labels = data.bags_and_labels(data.val, features)
     result = train_mil(
-        bags=bags, labels=labels, n_classes=len(classes), spec=training, val_bags=val_bags, val_labels=val_labels
+        bags=bags,
+        labels=labels,
+        n_classes=len(data.classes),
+        spec=training_spec(spec, seed=data.seed),
+        val_bags=val_bags,
+        val_labels=val_labels,
     )
     meta = {
         "fold": spec["fold"],
-        "classes": classes,
-        "train_slides": list(train["slide_id"]),
-        "val_slides": list(val["slide_id"]),
+        "classes": data.classes,
+        "train_slides": list(data.train["slide_id"]),
+        "val_slides": list(data.val["slide_id"]),
         "training": result.record(),
         "spec": dict(spec),
     }
