@@ -168,3 +168,121 @@ def test_a_planted_trigger_is_learned_while_a_random_trigger_does_not_fire(toy):
     badnets, _ = backdoored_head(toy, patch_only, rate=0.125)
     baseline = backdoor_accuracy(triggered_predictions(toy, badnets, patch_only, None), test_labels, target=TARGET)
     assert baseline["backdoor_accuracy_non_target"] < planted["backdoor_accuracy_non_target"], baseline
+
+
+def test_the_noise_gradient_taken_in_chunks_is_the_one_pass_gradient(toy):
+    encoder, (tiles, _, bags), _ = toy
+    rows = torch.arange(0, N_TILES, 2)
+    trigger = Trigger(kind="bapl", patch_px=4)
+    upstream = torch.randn(len(rows), 8, generator=torch.Generator().manual_seed(3))
+    gradients = []
+    for chunk_tiles in (3, len(rows)):
+        hook = BackdoorHook(
+            encoder=encoder,
+            trigger=trigger,
+            poisoned={0: TriggeredBag(rows=rows, tiles=tiles[0][rows])},
+            tile_px=TILE_PX,
+            step_size=0.01,
+            device=torch.device("cpu"),
+            chunk_tiles=chunk_tiles,
+        )
+        hook.delta = torch.full_like(hook.delta, 0.01)
+        bag = hook.bag(0, bags[0])
+        (bag[rows] * upstream).sum().backward()  # a loss whose gradient at the triggered rows is `upstream`
+        gradients.append(hook.noise_gradient(0))
+    delta = torch.full((3, TILE_PX, TILE_PX), 0.01, requires_grad=True)
+    (encoder(trigger.apply(tiles[0][rows], delta)) * upstream).sum().backward()
+    for gradient in gradients:
+        torch.testing.assert_close(gradient, delta.grad, rtol=1e-5, atol=1e-7)
+
+
+def per_slide_rows(trigger, target, clean_pred, triggered_pred, labels, *, poisoned=1):
+    """A backdoor job's per-slide CSV rows; the clean probabilities follow the prediction."""
+    return pd.DataFrame(
+        {
+            "encoder": "e",
+            "mil": "abmil",
+            "trigger": trigger,
+            "target": target,
+            "shots": "all",
+            "slide_id": [f"s{i}" for i in range(len(labels))],
+            "fold": [i % 2 for i in range(len(labels))],
+            "label": labels,
+            "fold_poisoned": poisoned,
+            "clean_pred": clean_pred,
+            "triggered_pred": triggered_pred,
+            "clean_prob_a": [0.9 if p == "a" else 0.1 for p in clean_pred],
+            "clean_prob_b": [0.1 if p == "a" else 0.9 for p in clean_pred],
+        }
+    )
+
+
+def test_backdoor_table_counts_slides_with_exact_intervals_and_compares_with_the_clean_head():
+    from wsiattack.backdoortable import backdoor_table
+    from wsiattack.metrics import clopper_pearson
+
+    labels = ["a", "a", "a", "b", "b", "b"]
+    frames = [
+        per_slide_rows("clean", "", labels, ["a", "a", "a", "b", "b", "a"], labels, poisoned=0),
+        per_slide_rows("bapl", "b", ["a", "a", "b", "b", "b", "b"], ["b", "b", "a", "b", "b", "b"], labels),
+        per_slide_rows("bapl", "a", labels, ["a", "a", "a", "a", "b", "b"], labels),
+    ]
+    table = backdoor_table(pd.concat(frames), classes=["a", "b"], targets=["a", "b"]).set_index(["trigger", "target"])
+    bapl_b = table.loc[("bapl", "b")]
+    assert bapl_b["clean_accuracy"] == pytest.approx(5 / 6) and bapl_b["clean_accuracy_change"] == pytest.approx(-1 / 6)
+    assert bapl_b["backdoor_accuracy"] == pytest.approx(5 / 6)
+    assert bapl_b["backdoor_accuracy_non_target"] == pytest.approx(2 / 3) and bapl_b["n_non_target"] == 3
+    low, high = clopper_pearson(2, 3)
+    assert (bapl_b["backdoor_accuracy_non_target_ci_low"], bapl_b["backdoor_accuracy_non_target_ci_high"]) == (
+        pytest.approx(low),
+        pytest.approx(high),
+    )
+    assert bapl_b["n_poisoned"] == 2 and table.loc[("clean", "a"), "n_poisoned"] == 0  # one per fold
+    # the clean head: the patch alone moves 1 of the 3 b slides to a, none of the a slides to b
+    assert table.loc[("clean", "a"), "backdoor_accuracy_non_target"] == pytest.approx(1 / 3)
+    assert table.loc[("clean", "b"), "backdoor_accuracy_non_target"] == 0
+    assert table.loc[("bapl", "mean"), "backdoor_accuracy_non_target"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert np.isnan(table.loc[("bapl", "mean"), "backdoor_accuracy_ci_low"])
+
+
+def test_backdoor_config_resolves_targets_and_mil_and_each_job_tracks_only_what_it_uses():
+    from wsiattack import config as wsiconfig
+    from wsiattack.errors import ConfigError as Error
+
+    base = {"samples": "s.csv", "classes": ["normal", "tumor"], "encoders": ["demo"], "attacks": {}}
+    base["attacks"] = {"noise": {"method": "noise", "eps": "4/255"}}
+    config = wsiconfig.validate_config({**base, "backdoor": {"shots": [None, 8]}})
+    assert config["backdoor"]["targets"] == ["normal", "tumor"] and config["backdoor"]["mil"] == "abmil"
+    assert config["backdoor"]["eps"] == pytest.approx(8 / 255) and wsiconfig.backdoor_shots(config) == ["all", "8"]
+    specs = {
+        trigger: wsiconfig.backdoor_spec(config, trigger=trigger, target=None, shots="all")["backdoor"]
+        for trigger in ("clean", "patch", "noise", "bapl")
+    }
+    assert "eps" not in specs["clean"] and "poison_rate" not in specs["clean"] and "eps" not in specs["patch"]
+    assert "patch_px" not in specs["noise"] and {"eps", "patch_px", "poison_rate"} <= set(specs["bapl"])
+    with pytest.raises(Error, match="targets"):
+        wsiconfig.validate_config({**base, "backdoor": {"targets": ["stroma"]}})
+    with pytest.raises(Error, match="mil"):
+        wsiconfig.validate_config({**base, "backdoor": {"mil": "transmil"}})
+    with pytest.raises(Error, match="backdoor"):
+        wsiconfig.validate_config({**base, "backdoor": {"trigger": ["bapl"]}})  # unknown key
+
+
+def test_the_noise_kept_is_the_one_learned_with_the_kept_epochs_head(toy):
+    """Early stopping keeps the best epoch's head; the trigger noise of that epoch goes with it."""
+    encoder, (tiles, labels, bags), (_, test_labels, test_bags) = toy
+    rows = torch.arange(4)
+    hook = BackdoorHook(
+        encoder=encoder,
+        trigger=Trigger(kind="noise"),
+        poisoned={1: TriggeredBag(rows=rows, tiles=tiles[1][rows])},
+        tile_px=TILE_PX,
+        step_size=0.01,
+        device=torch.device("cpu"),
+    )
+    spec = MILTrainingSpec(model="abmil", epochs=40, lr=1e-3, weight_decay=0.0, seed=0, patience=3)
+    result = train_mil(
+        bags=bags, labels=labels, n_classes=2, spec=spec, val_bags=test_bags, val_labels=test_labels, bag_hook=hook
+    )
+    assert result.best_epoch < result.epochs_run  # stopped early, so later epochs moved the noise further
+    assert hook.noise_steps == result.best_epoch  # one poisoned bag: one noise step per epoch

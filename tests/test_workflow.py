@@ -356,6 +356,49 @@ def test_a_universal_pattern_is_learned_per_fold_without_its_test_slides_and_add
     assert (run / "results" / "plots" / "universal" / "uap" / "demo_trained.png").stat().st_size > 10_000
 
 
+def test_backdoor_branch_poisons_only_training_slides_and_its_clean_head_is_the_workflows_head(tiny, tmp_path):
+    run = copy_of_run(tiny, tmp_path)
+    config = current_config(run)
+    config["backdoor"] = {"triggers": ["bapl", "patch"], "tile_fraction": 0.1}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    since = time.time()
+    ok(snakemake(run))
+    ran = {name.split("/")[0] for name in changed_benchmarks(run, since)}
+    assert ran == {"backdoor", "backdoor_clean_head", "backdoor_table", "plot_backdoor_trigger"}, ran
+    out = run / "results" / "backdoor" / "demo_trained" / "abmil"
+    splits = pd.read_csv(run / "results" / "splits.csv", dtype={"slide_id": str}).set_index("slide_id")
+    for trigger in ("bapl", "patch"):
+        for target in ("normal", "tumor"):
+            store = stores.open_store(out / trigger / target / "shots_all.zarr", kind=stores.BACKDOOR)
+            for fold, record in store.attrs["folds"].items():
+                poisoned = record["poisoned_slides"]
+                assert len(poisoned) == 1 and set(poisoned) <= set(record["train_slides"])
+                assert (splits.loc[poisoned, "fold"] != int(fold)).all()  # never a test slide
+                assert (splits.loc[poisoned, "label"] != target).all()  # never of the target class
+                assert record["noise_steps"] == (record["best_epoch"] if trigger == "bapl" else 0)  # kept with the head
+            delta = np.asarray(store["delta"][...])
+            assert (np.abs(delta).max() <= 8 / 255 + 1e-7) and ((np.abs(delta).max() > 0) == (trigger == "bapl"))
+    # nothing poisoned, the same training: the clean head is train_mil's head, slide for slide
+    clean = pd.read_csv(out / "clean" / "shots_all.csv", dtype={"slide_id": str}).set_index("slide_id")
+    evaluated = pd.read_csv(run / "results" / "eval" / "demo_trained" / "abmil" / "pgd.csv", dtype={"slide_id": str})
+    evaluated = evaluated.set_index("slide_id").loc[clean.index]
+    for name in ("normal", "tumor"):
+        np.testing.assert_allclose(clean[f"clean_prob_{name}"], evaluated[f"clean_prob_{name}"], atol=1e-6)
+    table = pd.read_csv(run / "results" / "backdoor.csv")
+    assert len(table) == 3 * 3 and set(table["trigger"]) == {"clean", "bapl", "patch"}  # 2 targets + their mean
+    assert (table.loc[table["trigger"] == "clean", "clean_accuracy_change"] == 0).all()
+    rows = table[table["target"] != "mean"]
+    assert (rows["n_slides"] == len(splits)).all()
+    assert (rows["n_poisoned"] == np.where(rows["trigger"] == "clean", 0, config["mil"]["folds"])).all()
+    low, value, high = (rows[f"backdoor_accuracy{end}"] for end in ("_ci_low", "", "_ci_high"))
+    assert ((low <= value) & (value <= high)).all()
+    assert (run / "results" / "plots" / "backdoor" / "demo_trained_trigger.png").stat().st_size > 10_000
+    # the noise's radius concerns the noise-learning triggers only
+    config["backdoor"]["eps"] = "4/255"
+    jobs = planned_jobs(run, config)
+    assert jobs == {"backdoor": 2, "backdoor_table": 1, "plot_backdoor_trigger": 1, "all": 1}, jobs
+
+
 @pytest.fixture
 def user_cohort(tiny, tmp_path) -> Path:
     """A user's own sample sheet over the tiny run's slides, in a fresh work directory."""

@@ -197,10 +197,8 @@ class BackdoorHook:
             embedded = self._fixed[index]
         return clean.index_put((entry.rows,), embedded.to(clean.dtype))
 
-    def after_step(self, index: int) -> None:
-        """A signed step of the noise against the loss's gradient, then the ε box (BAPLe lines 15-16)."""
-        if index not in self.poisoned or not self.trigger.learns_noise:
-            return
+    def noise_gradient(self, index: int) -> Tensor:
+        """d loss / d delta, from the gradient the loss left on this step's triggered embeddings."""
         upstream, self._leaf = self._leaf.grad, None
         clean_tiles, grad = self.poisoned[index].tiles, torch.zeros_like(self.delta)
         with torch.enable_grad(), torch.autocast(device_type=self.device.type, enabled=False):
@@ -210,9 +208,23 @@ class BackdoorHook:
                 embedded = self.encoder(self.trigger.apply(tiles, delta)).float()
                 embedded.backward(upstream[start : start + len(tiles)].to(self.device))
                 grad += delta.grad
+        return grad
+
+    def after_step(self, index: int) -> None:
+        """A signed step of the noise against the loss's gradient, then the ε box (BAPLe lines 15-16)."""
+        if index not in self.poisoned or not self.trigger.learns_noise:
+            return
+        grad = self.noise_gradient(index)
         with torch.no_grad():
             self.delta = (self.delta - grad.sign() * self.step_size).clamp(-self.trigger.eps, self.trigger.eps)
         self.noise_steps += 1
+
+    def snapshot(self) -> tuple[Tensor | None, int]:
+        """The noise as it is now: ``train_mil`` keeps it with the best epoch's head."""
+        return (None if self.delta is None else self.delta.clone(), self.noise_steps)
+
+    def restore(self, snapshot: tuple[Tensor | None, int]) -> None:
+        self.delta, self.noise_steps = snapshot
 
 
 def triggered_bag(clean: Tensor, *, rows: Tensor, triggered_embeddings: Tensor) -> Tensor:

@@ -55,11 +55,16 @@ class MILTrainingSpec:
 
 
 class BagHook(Protocol):
-    """What ``train_mil`` asks of a hook: the bag to train on at a step, and a call after the step."""
+    """What ``train_mil`` asks of a hook: the bag to train on at a step, a call after the step, and
+    a snapshot of what it learned, taken with the best epoch's weights and restored with them."""
 
     def bag(self, index: int, clean: Tensor) -> Tensor: ...
 
     def after_step(self, index: int) -> None: ...
+
+    def snapshot(self) -> Any: ...
+
+    def restore(self, snapshot: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ def train_mil(
         model = build_mil_model(spec.model, in_dim=bags[0].shape[1], n_classes=n_classes, **spec.hparams)
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
         order_generator = torch.Generator().manual_seed(spec.seed)
-        best_epoch, best_loss, best_state = 0, math.inf, None
+        best_epoch, best_loss, best_state, best_hook = 0, math.inf, None, None
         for epoch in range(1, spec.epochs + 1):
             order = torch.randperm(len(bags), generator=order_generator)
             train_loss = _train_epoch(
@@ -128,6 +133,7 @@ def train_mil(
             elif val_loss < best_loss:
                 best_epoch, best_loss = epoch, val_loss
                 best_state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+                best_hook = bag_hook.snapshot() if bag_hook is not None else None
             elif epoch - best_epoch >= spec.patience:
                 logger.info(
                     "%s: stopped after epoch %d, keeping epoch %d (validation %.4f)",
@@ -139,6 +145,8 @@ def train_mil(
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
+        if bag_hook is not None:
+            bag_hook.restore(best_hook)
     return MILTrainingResult(
         model=model.eval(),
         epochs_run=epoch,
