@@ -39,7 +39,15 @@ def test_no_benchmarks_is_a_clear_error(tmp_path):
 
 
 def test_gpu_rules_are_read_from_the_rules():
-    assert cluster.gpu_rules(ROOT / "rules") == {"extract", "attack", "perturb_surrogate", "reembed", "learn_universal"}
+    assert cluster.gpu_rules(ROOT / "rules") == {
+        "extract",
+        "attack",
+        "perturb_surrogate",
+        "reembed",
+        "learn_universal",
+        "backdoor",
+        "backdoor_clean_head",  # use rule backdoor as ...: inherits gpu=1
+    }
 
 
 def test_local_rules_are_read_from_the_snakefile():
@@ -56,6 +64,8 @@ def test_local_rules_are_read_from_the_snakefile():
         "vulnerability",
         "transfer_matrix",
         "plot_universal",
+        "backdoor_table",
+        "plot_backdoor_trigger",
     }
 
 
@@ -82,7 +92,9 @@ def test_slurm_profile_sizes_every_rule_and_sends_gpu_rules_to_the_gpu_partition
     assert profile["slurm-status-command"] == "squeue"
     rules = set(
         re.findall(
-            r"^(?:rule|checkpoint) (\w+):", "\n".join(p.read_text() for p in (ROOT / "rules").glob("*.smk")), re.M
+            r"^(?:rule|checkpoint|use rule \w+ as) (\w+)",
+            "\n".join(p.read_text() for p in (ROOT / "rules").glob("*.smk")),
+            re.M,
         )
     )
     sized = profile["set-resources"]

@@ -77,13 +77,16 @@ def _number(text: str) -> float:
 
 
 def gpu_rules(rules_dir: Path) -> set[str]:
-    """Rules whose `resources:` declare gpu (read from rules/*.smk, where that is declared once)."""
-    found = set()
+    """Rules whose `resources:` declare gpu (read from rules/*.smk, where that is declared once),
+    and the rules made from them by ``use rule X as Y`` (which inherit the resources)."""
+    found, derived = set(), []
     for smk in Path(rules_dir).glob("*.smk"):
-        for match in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", smk.read_text(), re.M | re.S):
+        text = smk.read_text()
+        for match in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |^use rule |\Z)", text, re.M | re.S):
             if re.search(r"^\s+gpu\s*=\s*[1-9]", match.group(2), re.M):
                 found.add(match.group(1))
-    return found
+        derived += re.findall(r"^use rule (\w+) as (\w+)", text, re.M)
+    return found | {new for base, new in derived if base in found}
 
 
 def local_rules(snakefile: Path) -> set[str]:
