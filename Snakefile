@@ -5,6 +5,7 @@
 #            (transfer: perturb_surrogate on the surrogate, then reembed per target; shuffle: controls;
 #             universal: learn_universal per encoder and fold, apply_universal, then reembed)
 #   MIL heads + clean/attacked bags --evaluate--> per-slide CSV --summarize--> summary.csv, plots
+#   (defences: each defence vs each listed attack, non-adaptive and adaptive --> defences.csv)
 #
 # Read from here down: rules/common.smk holds the config and sample-sheet handling, then one
 # file per stage. The library behind every rule script is workflow_scripts/wsiattack/.
@@ -26,6 +27,7 @@ include: "rules/attack.smk"
 include: "rules/mil.smk"
 include: "rules/report.smk"
 include: "rules/backdoor.smk"
+include: "rules/defence.smk"
 
 
 # Cohort-level steps that read a few small files run where Snakemake runs, not as cluster jobs:
@@ -46,6 +48,7 @@ localrules:
     plot_universal,
     backdoor_table,
     plot_backdoor_trigger,
+    defence_table,
 
 
 rule all:
@@ -57,6 +60,7 @@ rule all:
         "results/plots/factors.png",
         ["results/transfer.csv", "results/plots/transfer.png"] if "transfer" in CONFIG else [],
         ["results/backdoor.csv", "results/plots/backdoor.png"] if BACKDOOR else [],
+        ["results/defences.csv", "results/plots/defences.png"] if DEFENCES else [],
         expand("results/plots/backdoor/{encoder}_trigger.png", encoder=ENCODERS if BACKDOOR else []),
         expand("results/plots/examples/{attack}/{encoder}.png", attack=ATTACKS, encoder=ENCODERS),
         [

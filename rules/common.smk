@@ -14,6 +14,9 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
 from wsiattack import config as wsiconfig
 from wsiattack.attacks.params import is_derived, learning_spec, uses_mil_head
+from wsiattack.defences.params import ATTACKER_KEYS as DEFENCE_ATTACKER_KEYS
+from wsiattack.defences.params import MODES as DEFENCE_MODES
+from wsiattack.defences.params import defence_pairs, is_tile_defence
 from wsiattack.names import NAME_PATTERN
 from wsiattack.samples import read_samples
 from wsiattack.shards import SHARD_PATTERN, partition
@@ -231,3 +234,64 @@ def backdoor_example(wildcards):
     """The store whose example triggered tile is drawn: the first trigger, target and shots setting."""
     trigger, target, shots = BACKDOOR["triggers"][0], BACKDOOR["targets"][0], BACKDOOR_SHOTS[0]
     return f"results/backdoor/{wildcards.encoder}/{BACKDOOR['mil']}/{trigger}/{target}/shots_{shots}.zarr"
+
+
+# The defences branch (rules/defence.smk), when the config has a defences block.
+DEFENCES = CONFIG.get("defences")
+DEFENCE_NAMES = list(DEFENCES["defences"]) if DEFENCES else []
+TILE_DEFENCE_NAMES = [name for name in DEFENCE_NAMES if is_tile_defence(DEFENCES["defences"][name])]
+DEFENCE_PAIRS = defence_pairs(DEFENCES, attacks=CONFIG["attacks"]) if DEFENCES else []
+DEFENCE_ATTACKS = DEFENCES["attacks"] if DEFENCES else []
+
+
+def defence_spec(name, *, attacker=False):
+    """The defence entry a job depends on: the adaptive attacker's settings for attack jobs only,
+    so that editing eot_samples re-runs attacks, not the defended extraction."""
+    entry = {"name": name, **DEFENCES["defences"][name]}
+    return entry if attacker else {key: value for key, value in entry.items() if key not in DEFENCE_ATTACKER_KEYS}
+
+
+def _tile_defence(wildcards):
+    return wildcards.defence in TILE_DEFENCE_NAMES
+
+
+def defended_features(wildcards):
+    """Every shard's clean features as the defended pipeline computes them: through a tile
+    defence, or the plain ones for a head defence."""
+    if _tile_defence(wildcards):
+        return per_shard("results/defences/features/{defence}/{encoder}/{shard}", **dict(wildcards.items()))
+    return clean_features(wildcards)
+
+
+def defended_attack_features(wildcards):
+    """The shard's features the adaptive attack reads: the attack's own needs (selection, gray-box
+    bag) and the detector's (knn_filter), as the defended pipeline computes them."""
+    entry = CONFIG["attacks"][wildcards.attack]
+    needed = entry["selection"] in ("centrality", "vulnerability") or uses_mil_head(entry)
+    if not needed and DEFENCES["defences"][wildcards.defence]["kind"] != "knn_filter":
+        return []
+    if _tile_defence(wildcards):
+        return "results/defences/features/{defence}/{encoder}/{shard}".format(**dict(wildcards.items()))
+    return f"results/features/{wildcards.encoder}/{wildcards.shard}"
+
+
+def defended_reembedded(wildcards):
+    """The attacked rows a defended evaluation swaps in: the adaptive attack's; without
+    adaptation, the attack's own tiles re-embedded through a tile defence, or its own rows."""
+    if wildcards.mode == "adaptive" or _tile_defence(wildcards):
+        return per_shard(
+            "results/defences/reembedded/{defence}/{mode}/{attack}/{encoder}/{shard}", **dict(wildcards.items())
+        )
+    return per_shard(
+        "results/reembedded/{attack}/{encoder}/{shard}", attack=wildcards.attack, encoder=wildcards.encoder
+    )
+
+
+def defence_evaluations():
+    return [
+        f"results/defences/eval/{encoder}/{mil}/{defence}/{mode}/{attack}.csv"
+        for encoder in ENCODERS
+        for mil in MIL_MODELS
+        for defence, attack in DEFENCE_PAIRS
+        for mode in DEFENCE_MODES
+    ]

@@ -47,6 +47,9 @@ def test_gpu_rules_are_read_from_the_rules():
         "learn_universal",
         "backdoor",
         "backdoor_clean_head",  # use rule backdoor as ...: inherits gpu=1
+        "extract_defended",
+        "reembed_defended",
+        "attack_defended",
     }
 
 
@@ -66,6 +69,7 @@ def test_local_rules_are_read_from_the_snakefile():
         "plot_universal",
         "backdoor_table",
         "plot_backdoor_trigger",
+        "defence_table",
     }
 
 

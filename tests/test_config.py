@@ -30,6 +30,7 @@ OVERLAYS = {
     "heads_study.yaml": "config.yaml",
     "positive_control_dose.yaml": "config.yaml",
     "positive_control_tiny.yaml": "tests/configs/tiny.yaml",
+    "defences_tiny.yaml": "tests/configs/tiny.yaml",
     "stain_study.yaml": "config.yaml",
     "transfer_study.yaml": "config.yaml",
     "universal_study.yaml": "config.yaml",

@@ -3,6 +3,7 @@ computation), BPDA and EOT for the adaptive attacker, gradient masking shown on 
 aggregation through a real MIL head, and the in-slide kNN detector with its adaptive evasion."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.ndimage as ndi
 import torch
@@ -11,12 +12,13 @@ from torch import nn
 from wsiattack.attacks.driver import Problem
 from wsiattack.attacks.methods import build_method
 from wsiattack.attacks.objectives import cosine_distance
-from wsiattack.defences.aggregation import DropTopAttended, FilteredHead
+from wsiattack.defences.aggregation import DropTopAttended, FilteredHead, attention_evasion
 from wsiattack.defences.detection import (
     detection_aware,
     detector_roc,
     knn_outlier_scores,
     scores_against,
+    slide_detection,
     threshold_at_fpr,
 )
 from wsiattack.defences.transforms import (
@@ -224,6 +226,36 @@ def test_drop_top_attended_predicts_the_bag_without_its_most_attended_tiles(abmi
     assert (grad[top] == 0).all() and grad[keep].abs().sum() > 0
 
 
+def test_attention_evasion_gives_a_dropped_tile_a_gradient_and_spares_a_kept_one(abmil):
+    """A perturbed tile that DropTopAttended drops has no gradient through the defended head; the
+    evasion penalty gives it one (towards less attention), and is zero for a tile below the drop line."""
+    bag = torch.randn(20, 8, generator=torch.Generator().manual_seed(1))
+    defended = DropTopAttended(abmil, fraction=0.1)  # 2 of 20 dropped
+    order = torch.argsort(abmil(bag)[1], descending=True)
+    target = torch.tensor([1])
+
+    def objective(embedding, _clean, rows):
+        logits, _ = defended(bag.index_put((rows,), embedding))
+        return torch.nn.functional.cross_entropy(logits[None], target).expand(len(embedding))
+
+    for row, dropped in ((order[0], True), (order[-1], False)):
+        rows = row.reshape(1)
+        plain = lambda e, c, rows=rows: objective(e, c, rows)  # noqa: E731
+        evading = attention_evasion(plain, head=abmil, bag=bag, rows=rows, fraction=0.1, weight=2.0)
+        embedding = bag[rows].clone().requires_grad_(True)
+        (plain_grad,) = torch.autograd.grad(plain(embedding, bag[rows]).sum(), embedding)
+        value = evading(embedding, bag[rows])
+        (grad,) = torch.autograd.grad(value.sum(), embedding)
+        assert bool((plain_grad == 0).all()) == dropped
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        if dropped:  # the penalty by hand: 2 x (log w_row - log of the 2nd largest weight of the others)
+            log_w = abmil(bag)[1].log()
+            expected = 2.0 * (log_w[row] - log_w[order[2]])
+            torch.testing.assert_close(plain(embedding, bag[rows]) - value, expected.reshape(1), rtol=1e-5, atol=1e-6)
+        else:
+            torch.testing.assert_close(value, plain(embedding, bag[rows]))
+
+
 def clustered_bag(*, n=40, outliers=(), seed=0):
     """Tiles around two tissue prototypes; ``outliers`` rows pushed far from both."""
     g = torch.Generator().manual_seed(seed)
@@ -244,13 +276,16 @@ def test_knn_scores_against_brute_force_and_the_filter_drops_the_outlier(abmil):
     np.testing.assert_allclose(scores.numpy(), expected, atol=1e-5)
     assert int(scores.argmax()) == 7
     assert knn_outlier_scores(bag[:1], k=5).tolist() == [0.0]
-    threshold = threshold_at_fpr(scores[torch.arange(40) != 7].numpy(), fpr=0.05)
-    _, weights = FilteredHead(abmil, k=5, threshold=threshold)(bag)
-    assert weights[7] == 0 and (weights > 0).sum() >= 36
+    logits, weights = FilteredHead(abmil, fraction=0.05, k=5)(bag)  # 2 of 40 dropped
+    assert weights[7] == 0 and (weights > 0).sum() == 38
+    torch.testing.assert_close(logits, abmil(bag[torch.argsort(scores, descending=True)[2:].sort().values])[0])
     rows = torch.arange(40) != 7
     np.testing.assert_allclose(
         scores_against(bag[7:8], reference=bag[rows], k=5).numpy(), scores[7:8].numpy(), atol=1e-5
     )
+    detection = slide_detection(bag.numpy(), index=np.array([7]), fraction=0.05, k=5)
+    assert detection == {"detected": 1, "detection_auroc": 1.0}
+    assert slide_detection(bag.numpy(), index=np.array([8]), fraction=0.05, k=5)["detected"] == 0
 
 
 def test_threshold_and_roc_by_hand():
@@ -284,3 +319,153 @@ def test_the_detection_aware_attacker_evades_the_detector_the_plain_one_trips():
     assert score(plain) > threshold >= score(aware) - 1e-3
     start = clean + 0.01 * torch.randn(1, 8, generator=torch.Generator().manual_seed(0))
     assert float(cosine_distance(aware, clean)) > 10 * float(cosine_distance(start, clean))  # it still moved
+
+
+BASE = {
+    "samples": "s.csv",
+    "classes": ["normal", "tumor"],
+    "encoders": ["demo"],
+    "attacks": {
+        "pgd": {"method": "pgd", "eps": "4/255"},
+        "oracle": {"method": "pgd", "eps": "16/255", "objective": "mil_cross_entropy"},
+    },
+}
+
+
+def test_defences_config_fills_defaults_and_names_the_culprit():
+    from wsiattack import config as wsiconfig
+    from wsiattack.defences.params import defence_pairs
+    from wsiattack.errors import ConfigError
+
+    block = {"defences": {"jpeg": {"kind": "jpeg"}, "drop": {"kind": "drop_top_attended"}, "noisy": {"kind": "noise"}}}
+    config = wsiconfig.validate_config({**BASE, "defences": {**block, "attacks": ["pgd", "oracle"]}})
+    defences = config["defences"]["defences"]
+    assert defences["jpeg"] == {"kind": "jpeg", "quality": 75, "eot_samples": 1}
+    assert defences["noisy"]["eot_samples"] == 8 and defences["drop"]["fraction"] == 0.05
+    pairs = defence_pairs(config["defences"], attacks=config["attacks"])
+    assert ("drop", "pgd") not in pairs and ("drop", "oracle") in pairs and ("jpeg", "pgd") in pairs
+    cases = [
+        ({"defences": {"x": {"kind": "blur"}}, "attacks": ["pgd"]}, "defences.defences.x.kind: 'blur'"),
+        (
+            {"defences": {"x": {"kind": "jpeg", "bits": 3}}, "attacks": ["pgd"]},
+            r"\['bits'\] are not parameters of jpeg",
+        ),
+        ({"defences": {"x": {"kind": "median", "size_px": 4}}, "attacks": ["pgd"]}, "out of range"),
+        ({"defences": {"x": {"kind": "reinhard"}}, "attacks": ["pgd"]}, "reinhard needs target_mean, target_std"),
+        ({"defences": {"x": {"kind": "jpeg"}}, "attacks": ["pgd2"]}, "'pgd2' is not an attack"),
+        ({"defences": {"x": {"kind": "drop_top_attended"}}, "attacks": ["pgd"]}, "needs a gray-box attack"),
+        ({"defences": {"x": {"kind": "jpeg", "quality": "high"}}, "attacks": ["pgd"]}, "quality"),
+        ({"defences": {"x": {"kind": "jpeg"}}, "attacks": ["pgd"], "eot": 3}, "eot"),
+    ]
+    for block, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            wsiconfig.validate_config({**BASE, "defences": block})
+
+
+def eval_table(*, slides, labels, probs_clean, probs_attacked, shift=0.1):
+    """A per-slide evaluation table as evaluate writes it (two classes)."""
+    rows = []
+    for slide, label, clean, attacked in zip(slides, labels, probs_clean, probs_attacked, strict=True):
+        rows.append(
+            {
+                "slide_id": slide,
+                "label": ["normal", "tumor"][label],
+                "label_idx": label,
+                "k": 1,
+                "clean_prob_normal": 1 - clean,
+                "clean_prob_tumor": clean,
+                "clean_pred": int(clean > 0.5),
+                "attacked_prob_normal": 1 - attacked,
+                "attacked_prob_tumor": attacked,
+                "attacked_pred": int(attacked > 0.5),
+                "tile_cosine_distance": shift,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_defence_table_by_hand():
+    """Eight slides: the attack flips four undefended; the defence costs one clean slide, the
+    non-adaptive attack then flips none, the adaptive one two."""
+    from wsiattack.defencetable import defence_rows
+
+    slides, labels = [f"s{i}" for i in range(8)], [0, 1] * 4
+    right = [0.2 if y == 0 else 0.8 for y in labels]
+    wrong = [1 - p for p in right]
+    undefended = eval_table(slides=slides, labels=labels, probs_clean=right, probs_attacked=wrong[:4] + right[4:])
+    defended_clean = [wrong[0], *right[1:]]
+    nonadaptive = eval_table(
+        slides=slides, labels=labels, probs_clean=defended_clean, probs_attacked=defended_clean, shift=0.02
+    )
+    adaptive = eval_table(
+        slides=slides,
+        labels=labels,
+        probs_clean=defended_clean,
+        probs_attacked=[wrong[0], *wrong[1:3], *right[3:]],
+        shift=0.05,
+    )
+    nonadaptive["detected"], nonadaptive["detection_auroc"] = [1, 0, 0, 0, 0, 0, 0, 1], 0.75
+    adaptive["detected"], adaptive["detection_auroc"] = 0, 0.5
+    rows = defence_rows(
+        undefended=undefended,
+        nonadaptive=nonadaptive,
+        adaptive=adaptive,
+        kind="median",
+        classes=["normal", "tumor"],
+        n_bootstrap=200,
+        seed=0,
+    ).set_index("metric")
+    accuracy = rows.loc["accuracy"]
+    assert accuracy["clean"] == 1.0 and accuracy["clean_defended"] == 7 / 8 and accuracy["clean_cost"] == 1 / 8
+    assert (
+        accuracy["attacked"] == 0.5
+        and accuracy["attacked_nonadaptive"] == 7 / 8
+        and accuracy["attacked_adaptive"] == 5 / 8
+    )
+    assert accuracy["nonadaptive_gain"] == pytest.approx(3 / 8) and accuracy["adaptive_gain"] == pytest.approx(1 / 8)
+    assert accuracy["nonadaptive_gain_ci_low"] <= 3 / 8 <= accuracy["nonadaptive_gain_ci_high"]
+    assert not accuracy["red_flag"]  # the adaptive attack did hurt more
+    flips = rows.loc["flip_rate"]
+    assert flips["attacked"] == 0.5 and flips["attacked_nonadaptive"] == 0 and flips["attacked_adaptive"] == 2 / 8
+    assert flips["nonadaptive_gain"] == 0.5 and flips["adaptive_gain"] == 0.25
+    assert flips["clean_cost"] == 1 / 8  # the defence changes one clean prediction of eight
+    p_true = rows.loc["p_true_class"]  # 0.8 right, 0.2 wrong
+    assert p_true["clean"] == pytest.approx(0.8) and p_true["clean_cost"] == pytest.approx(0.6 / 8)
+    assert p_true["attacked"] == pytest.approx(0.5) and p_true["attacked_adaptive"] == pytest.approx(0.8 - 3 * 0.6 / 8)
+    assert p_true["nonadaptive_gain"] == pytest.approx(0.8 - 0.6 / 8 - 0.5)
+    assert p_true["adaptive_gain_ci_low"] <= p_true["adaptive_gain"] <= p_true["adaptive_gain_ci_high"]
+    shift = rows.loc["tile_cosine_distance"]  # 0.1 undefended, 0.02 and 0.05 defended: both gains positive
+    assert shift["nonadaptive_gain"] == pytest.approx(0.08) and shift["adaptive_gain"] == pytest.approx(0.05)
+    assert np.isnan(shift["clean_cost"]) and not rows["red_flag"].any()
+    assert accuracy["detected_nonadaptive"] == 2 / 8 and accuracy["detection_auroc_adaptive"] == 0.5
+    swapped = defence_rows(
+        undefended=undefended,
+        nonadaptive=adaptive,
+        adaptive=nonadaptive,
+        kind="median",
+        classes=["normal", "tumor"],
+        n_bootstrap=0,
+        seed=0,
+    ).set_index("metric")
+    assert swapped.loc[["accuracy", "flip_rate", "p_true_class", "tile_cosine_distance"], "red_flag"].all()
+    unmoved = defence_rows(  # an attack that flips nothing cannot tell the attackers apart on accuracy
+        undefended=eval_table(slides=slides, labels=labels, probs_clean=right, probs_attacked=right),
+        nonadaptive=nonadaptive,
+        adaptive=nonadaptive,
+        kind="median",
+        classes=["normal", "tumor"],
+        n_bootstrap=0,
+        seed=0,
+    ).set_index("metric")
+    assert not unmoved.loc[["accuracy", "flip_rate", "p_true_class"], "red_flag"].any()
+    assert unmoved.loc["tile_cosine_distance", "red_flag"]
+    jpeg = defence_rows(
+        undefended=undefended,
+        nonadaptive=adaptive,
+        adaptive=nonadaptive,
+        kind="jpeg",
+        classes=["normal", "tumor"],
+        n_bootstrap=0,
+        seed=0,
+    )
+    assert not jpeg["red_flag"].any()  # BPDA: no exact gradient, no red flag by this rule

@@ -546,3 +546,48 @@ def test_pilot_costs_come_from_every_gradient_job_of_the_run(tiny):
             ]
         )
     )
+
+
+def test_defences_are_evaluated_both_ways_and_an_attacker_setting_reruns_only_the_adaptive_side(tiny, tmp_path):
+    run = copy_of_run(tiny, tmp_path)
+    config = current_config(run)
+    overlay = yaml.safe_load((ROOT / "tests" / "configs" / "defences_tiny.yaml").read_text())
+    config["attacks"].update(overlay["attacks"])
+    config["defences"] = overlay["defences"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    since = time.time()
+    ok(snakemake(run))
+    ran = {name.split("/")[0] for name in changed_benchmarks(run, since)}
+    assert {"extract_defended", "reembed_defended", "attack_defended", "evaluate_defended", "defence_table"} <= ran
+    assert not ran & {"tile", "extract", "train_mil"}, ran  # the defences reuse the clean chain
+    table = pd.read_csv(run / "results" / "defences.csv")
+    pairs = set(zip(table["defence"], table["attack"], strict=True))
+    assert pairs == {(d, a) for d in ("jpeg", "median", "knn") for a in ("pgd", "pgd_oracle")} | {
+        ("drop_top", "pgd_oracle")
+    }
+    assert table.groupby(["defence", "attack"]).size().nunique() == 1 and (table["n_slides"] == 6).all()
+    shift = table[table["metric"] == "tile_cosine_distance"].set_index(["defence", "attack"])
+    # median smoothing is differentiable: attacking through it moves the defended embedding further
+    assert shift.loc[("median", "pgd"), "attacked_adaptive"] > shift.loc[("median", "pgd"), "attacked_nonadaptive"]
+    head_defences = shift[shift["kind"].isin(["drop_top_attended", "knn_filter"])]  # the attack's own rows
+    np.testing.assert_allclose(head_defences["attacked_nonadaptive"], head_defences["attacked"], rtol=1e-5)
+    for defence, attack in pairs:  # the clean side of a defence does not depend on how it is attacked
+        evals = run / "results" / "defences" / "eval" / "demo_trained" / "abmil" / defence
+        both = [
+            pd.read_csv(evals / mode / f"{attack}.csv").filter(like="clean_") for mode in ("nonadaptive", "adaptive")
+        ]
+        pd.testing.assert_frame_equal(*both)
+    knn = pd.read_csv(run / "results" / "defences" / "eval" / "demo_trained" / "abmil" / "knn" / "adaptive" / "pgd.csv")
+    assert knn["detection_auroc"].between(0, 1).all() and (knn["detected"] <= knn["k"]).all()
+    assert (run / "results" / "plots" / "defences.png").stat().st_size > 10_000
+    # the adaptive attacker's settings re-run its attacks only: no randomised defence uses eot_samples
+    config["defences"]["eot_samples"] = 3
+    assert planned_jobs(run, config) == {}
+    config["defences"]["detection_weight"] = 5.0
+    n_shards = len(tiny_shards(run))
+    assert planned_jobs(run, config) == {
+        "attack_defended": 3 * n_shards,  # drop_top x pgd_oracle, knn x both attacks
+        "evaluate_defended": 3,
+        "defence_table": 1,
+        "all": 1,
+    }

@@ -11,6 +11,7 @@ def main(smk, spec):
         feature_stores=stores.slide_stores(smk.input.features),
         reembedded_stores=stores.slide_stores(smk.input.reembedded),
         classes=spec["classes"],
+        defence=spec.get("defence"),
     )
     evaluation.write_most_affected_weights(
         table=table,

@@ -1,14 +1,14 @@
 """Rule extract: the tiles stores of one shard -> one features store per slide."""
 
 from wsiattack import rulekit, runtime, shardjobs
-from wsiattack.encoders.model import build_encoder
+from wsiattack.defences.pipeline import encoder_for
 
 
 def main(smk, spec):
     slides = shardjobs.slides_in(smk.input.tiles, tiling_spec=spec["tiling"])
     shardjobs.extract_shard(
         slides=slides,
-        encoder=build_encoder(**spec["encoder"]),
+        encoder=encoder_for(spec),
         batch_size=spec["batch_size"],
         device=runtime.resolve_device(smk.params.device),
         out_dir=smk.output.features,

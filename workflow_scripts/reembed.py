@@ -2,13 +2,13 @@
 shuffled) re-embedded by one encoder."""
 
 from wsiattack import rulekit, runtime, shardjobs
-from wsiattack.encoders.model import build_encoder
+from wsiattack.defences.pipeline import encoder_for
 
 
 def main(smk, spec):
     shardjobs.reembed_shard(
         attacks_dir=smk.input.attacks,
-        encoder=build_encoder(**spec["encoder"]),
+        encoder=encoder_for(spec),
         batch_size=spec["batch_size"],
         device=runtime.resolve_device(smk.params.device),
         out_reembedded=smk.output.reembedded,

@@ -16,6 +16,7 @@ from typing import Any
 from wsiattack.attacks.params import resolve_mil
 from wsiattack.attacks.sweep import expand_sweep
 from wsiattack.attacks.transfer import check_derived, expand_transfer
+from wsiattack.defences.params import normalise_defences
 from wsiattack.errors import ConfigError
 from wsiattack.names import BACKDOOR_ALL_SHOTS, BACKDOOR_CLEAN_HEAD
 
@@ -42,6 +43,8 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     _normalise_attacks(checked)
     if "backdoor" in checked:
         _normalise_backdoor(checked)
+    if "defences" in checked:
+        normalise_defences(checked["defences"], attacks=checked["attacks"])
     _check_encoders(checked)
     return checked
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,8 @@ import torch
 
 from wsiattack import stores
 from wsiattack.attacks.params import threat_marking
+from wsiattack.defences.aggregation import defended_head
+from wsiattack.defences.detection import slide_detection
 from wsiattack.mil import load_mil_checkpoint, predict_bag
 from wsiattack.mil.folds import read_features, usable
 
@@ -35,11 +37,14 @@ def evaluate_attack(
     feature_stores: Sequence[str | Path],
     reembedded_stores: Sequence[str | Path],
     classes: Sequence[str],
+    defence: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """One row per slide, scored by the head of the fold in which it is a test slide.
 
     Every row carries the attack's ``label_free`` and ``threat_model`` (``params.threat_marking``
     of the attack spec the stores were made with), so gray-box results cannot pass for label-free.
+    ``defence`` (rule evaluate_defended): a head defence wraps every head; with ``knn_filter``
+    each row also says how many perturbed tiles the detector drops and its in-slide AUROC.
     """
     splits = pd.read_csv(splits_csv, dtype={"slide_id": str})
     features = read_features(feature_stores)
@@ -47,7 +52,7 @@ def evaluate_attack(
     models = {}
     for path in model_paths:
         model, meta = load_mil_checkpoint(Path(path))
-        models[meta["fold"]] = model
+        models[meta["fold"]] = defended_head(model, defence)
     rows = []
     for record in usable(splits, features).to_dict("records"):
         slide_id = record["slide_id"]
@@ -70,11 +75,18 @@ def evaluate_attack(
                 "n_tiles": len(clean),
                 "k": len(index),
                 **marking,
+                **_detection(attacked, index=index, defence=defence),
             }
         )
     columns = ["slide_id", "fold", "label", "label_idx", "n_tiles", "k", *MARKING_COLUMNS]
     table = pd.DataFrame(rows)
     return table[columns + [c for c in table.columns if c not in columns]]
+
+
+def _detection(bag: np.ndarray, *, index: np.ndarray, defence: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not defence or defence["kind"] != "knn_filter" or len(index) == 0:
+        return {}
+    return slide_detection(bag, index=index, fraction=defence["fraction"], k=defence["k"])
 
 
 def true_class_drop(table: pd.DataFrame, *, classes: Sequence[str]) -> pd.Series:

@@ -170,14 +170,8 @@ def _bootstrap_drops(
     resampled table (sklearn's, checked in the tests), at a thousandth of the cost, so that a
     factor study's summary does not take minutes per attack.
     """
-    rng = np.random.default_rng(seed)
     n_slides = len(predictions.y_true)
-    groups = np.arange(n_slides) if groups is None else np.asarray(groups)
-    n_groups = int(groups.max()) + 1 if n_slides else 0
-    draws = rng.integers(0, n_groups, size=(n_bootstrap, n_groups))  # patients (= slides without groups)
-    group_counts = np.zeros((n_bootstrap, n_groups))
-    np.add.at(group_counts, (np.arange(n_bootstrap)[:, None], draws), 1.0)
-    counts = group_counts[:, groups]  # every slide drawn as often as its patient
+    counts = bootstrap_counts(np.arange(n_slides) if groups is None else groups, n_bootstrap=n_bootstrap, seed=seed)
     clean = _weighted_metrics(
         counts,
         y_true=predictions.y_true,
@@ -194,6 +188,39 @@ def _bootstrap_drops(
     )
     flip_rate = counts @ (predictions.clean_pred != predictions.attacked_pred) / counts.sum(axis=1)
     return np.column_stack([clean - attacked, -flip_rate]) if n_bootstrap else np.empty((0, len(SUMMARY_METRICS)))
+
+
+def bootstrap_counts(groups: np.ndarray, *, n_bootstrap: int, seed: int) -> np.ndarray:
+    """(n_bootstrap, n_slides) how often each slide is drawn in each resample of its patients
+    (``groups``: per slide, its patient's index; a slide is drawn as often as its patient)."""
+    rng = np.random.default_rng(seed)
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1 if len(groups) else 0
+    draws = rng.integers(0, n_groups, size=(n_bootstrap, n_groups))
+    group_counts = np.zeros((n_bootstrap, n_groups))
+    np.add.at(group_counts, (np.arange(n_bootstrap)[:, None], draws), 1.0)
+    return group_counts[:, groups]
+
+
+def mean_difference(
+    first: np.ndarray,
+    second: np.ndarray,
+    *,
+    slide_ids: pd.Series,
+    n_bootstrap: int,
+    seed: int,
+    patients: Mapping[str, str] | None = None,
+) -> tuple[float, float, float]:
+    """Mean over slides of ``first - second`` (paired per slide) and its 95 % percentile interval
+    over ``n_bootstrap`` resamples of patients (NaN without resamples)."""
+    differences = np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64)
+    value = float(differences.mean())
+    if not n_bootstrap:
+        return value, np.nan, np.nan
+    groups = _patient_groups(slide_ids.astype(str), patients)
+    counts = bootstrap_counts(groups, n_bootstrap=n_bootstrap, seed=seed)
+    low, high = np.percentile(counts @ differences / counts.sum(axis=1), CI_PERCENTILES)
+    return value, float(low), float(high)
 
 
 def _weighted_metrics(

@@ -327,3 +327,37 @@ def plot_backdoor_trigger(store_path: str | Path, out_png: str | Path) -> None:
     fig.suptitle(f"target {settings['target']}, shots {settings['shots']}, seed {settings['seed']}", fontsize=9)
     fig.tight_layout()
     _save(fig, out_png)
+
+
+def plot_defences(table: pd.DataFrame, out_png: str | Path) -> None:
+    """Per (encoder, MIL model): accuracy, flip rate, p(true class) and the perturbed tiles'
+    embedding shift of each (defence, attack) without the defence, with it against the
+    non-adaptive attack and against the adaptive one."""
+    bars = [
+        ("clean", "clean, undefended"),
+        ("clean_defended", "clean, defended"),
+        ("attacked", "attacked, undefended"),
+        ("attacked_nonadaptive", "attacked, defended (non-adaptive)"),
+        ("attacked_adaptive", "attacked, defended (adaptive)"),
+    ]
+    metrics = ("accuracy", "flip_rate", "p_true_class", "tile_cosine_distance")
+    groups = list(table.groupby(["encoder", "mil"], sort=False))
+    fig, axes = plt.subplots(len(groups), len(metrics), figsize=(22, 3.8 * len(groups)), squeeze=False)
+    for row, ((encoder, mil), group) in enumerate(groups):
+        for col, metric in enumerate(metrics):
+            part = group[group["metric"] == metric]
+            labels = [f"{d}\nvs {a}" for d, a in zip(part["defence"], part["attack"], strict=True)]
+            width = 0.8 / len(bars)
+            ax = axes[row][col]
+            for j, (column, label) in enumerate(bars):
+                if metric in ("flip_rate", "tile_cosine_distance") and column.startswith("clean"):
+                    continue  # nothing to measure without an attack
+                x = np.arange(len(part)) + (j - (len(bars) - 1) / 2) * width
+                ax.bar(x, part[column].to_numpy(dtype=float), width, label=label)
+            ax.set_xticks(range(len(part)), labels, fontsize=7)
+            if metric != "tile_cosine_distance":
+                ax.set_ylim(0, 1.05)
+            ax.set_title(f"{encoder} / {mil}: {metric}", fontsize=9)
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    _save(fig, out_png)

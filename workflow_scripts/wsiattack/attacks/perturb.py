@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from wsiattack.attacks.methods import Method, build_method
 from wsiattack.attacks.objectives import Objective, ObjectiveFn
 from wsiattack.attacks.oracle import MILHead
 from wsiattack.attacks.params import method_params, threat_marking, uses_mil_head
+from wsiattack.defences.aggregation import attention_evasion
+from wsiattack.defences.detection import detection_aware, knn_outlier_scores, threshold_at_fpr
 from wsiattack.encoders.embedding import channels_first, to_unit_pixels
 from wsiattack.encoders.model import TileEncoder
 from wsiattack.errors import AttackError, StoreError
@@ -124,7 +126,7 @@ def _perturb_tiles(
     )
     chosen = _select(spec["selection"], k=k, rng=rng, context=context)
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    objectives = _BatchObjectives(objective, context=context, index=chosen.index)
+    objectives = _BatchObjectives(objective, context=context, index=chosen.index, defence=spec.get("defence"))
 
     started = time.perf_counter()
     clean_uint8 = np.asarray(tiles.get_orthogonal_selection((chosen.index,)))  # one read of k tiles
@@ -263,8 +265,18 @@ class _BatchObjectives:
     optimised, the rows of earlier batches their stored (rounded) adversarial embeddings, and the
     rest clean: a greedy joint attack, batch by batch (one batch when k <= ATTACK_BATCH)."""
 
-    def __init__(self, objective: Objective, *, context: _SelectionContext, index: np.ndarray):
-        self.objective, self.context, self.bag = objective, context, None
+    def __init__(
+        self,
+        objective: Objective,
+        *,
+        context: _SelectionContext,
+        index: np.ndarray,
+        defence: Mapping[str, Any] | None = None,
+    ):
+        self.objective, self.context, self.bag, self.evading = objective, context, None, None
+        self.defence = defence or {}
+        if defence and defence["kind"] == "knn_filter":  # the adaptive attacker of the in-slide detector
+            self.evading = _detection_evasion(context, index=index, defence=defence)
         if objective.needs_mil_head:
             features = context.features(required_by=f"objective {objective.name!r}")
             context.mil_head.check_bag(features.shape[1], where=str(context.features_store))
@@ -274,13 +286,39 @@ class _BatchObjectives:
 
     def for_batch(self, start: int) -> ObjectiveFn:
         if self.bag is None:
-            return self.objective.fn
-        return self.context.mil_head.objective_for(bag=self.bag, rows=self.rows[start : start + ATTACK_BATCH])
+            fn = self.objective.fn
+        else:
+            rows = self.rows[start : start + ATTACK_BATCH]
+            fn = self.context.mil_head.objective_for(bag=self.bag, rows=rows)
+            if self.defence.get("kind") == "drop_top_attended":  # a dropped tile has no gradient through the head
+                fn = attention_evasion(
+                    fn,
+                    head=self.context.mil_head.module.head,
+                    bag=self.bag,
+                    rows=rows,
+                    fraction=self.defence["fraction"],
+                    weight=self.defence["detection_weight"],
+                )
+        return self.evading(fn) if self.evading else fn
 
     def record(self, start: int, adversarial_embedding: torch.Tensor) -> None:
         """The batch's adversarial embeddings replace its clean rows for the batches after it."""
         if self.bag is not None:
             self.bag[self.rows[start : start + ATTACK_BATCH]] = adversarial_embedding.to(self.bag.dtype)
+
+
+def _detection_evasion(
+    context: _SelectionContext, *, index: np.ndarray, defence: Mapping[str, Any]
+) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """The objective's wrapper that penalises being flagged by ``knn_filter``: scored among the
+    slide's other clean tiles, above the score that the filter's share of them exceeds."""
+    features = torch.as_tensor(context.features(required_by="the adaptive attack on knn_filter"), dtype=torch.float32)
+    threshold = threshold_at_fpr(knn_outlier_scores(features, k=defence["k"]).numpy(), fpr=defence["fraction"])
+    others = torch.as_tensor(np.setdiff1d(np.arange(len(features)), index)).long()
+    reference = features[others].to(context.device)
+    return lambda fn: detection_aware(
+        fn, reference=reference, k=defence["k"], threshold=threshold, weight=defence["detection_weight"]
+    )
 
 
 def _vulnerability_selection(context: _SelectionContext, *, k: int) -> sel.Selection:

@@ -3,25 +3,30 @@
 Each wrapper takes one bag (N, D) and returns ``(logits, tile_weights (N,))`` like every MIL
 model (weights 0 on the tiles it left out), and has ``in_dim`` and ``n_classes``. So evaluation
 predicts through it, and the gray-box oracle (``MILHead``) attacks through it unchanged: that is
-the adaptive attacker, who differentiates through the tiles the defence keeps (the choice of
-tiles itself is piecewise constant).
+the adaptive attacker, who differentiates through the tiles the defence keeps. The choice of
+tiles itself is piecewise constant, and a perturbed tile the defence drops has no gradient
+through the head; so the adaptive attacker also pays a penalty for being dropped:
+``attention_evasion`` for ``DropTopAttended``, ``detection.detection_aware`` for ``FilteredHead``.
 
 - ``DropTopAttended``: the bag is predicted again without its ``fraction`` most-attended tiles
   (at least one when fraction > 0, never all). An attack that works by drawing attention to a
   few tiles loses them; the clean cost is what the head loses without its most informative
   tiles.
-- ``FilteredHead``: the bag is predicted without the tiles the in-slide outlier detector flags
-  (:mod:`~wsiattack.defences.detection`).
+- ``FilteredHead``: the bag is predicted without the ``fraction`` of its tiles that the in-slide
+  outlier detector (:mod:`~wsiattack.defences.detection`) ranks highest. Flagging a fixed share
+  of each bag needs no calibration on other slides, and its false-positive rate on a clean bag is
+  that share.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from wsiattack.defences.detection import knn_outlier_scores
+from wsiattack.defences.detection import ObjectiveFn, knn_outlier_scores, n_dropped
 
 
 class _KeepSubset(nn.Module):
@@ -41,30 +46,66 @@ class _KeepSubset(nn.Module):
         raise NotImplementedError
 
 
-class DropTopAttended(_KeepSubset):
+class _DropTop(_KeepSubset):
+    """Drops the ``fraction`` highest-scoring tiles of the bag (at least one when fraction > 0,
+    never all); subclasses say what the score is."""
+
     def __init__(self, head: nn.Module, *, fraction: float) -> None:
         super().__init__(head)
         if not 0.0 <= fraction < 1.0:
-            raise ValueError(f"drop_top_attended fraction must be in [0, 1), got {fraction}")
+            raise ValueError(f"{type(self).__name__} fraction must be in [0, 1), got {fraction}")
         self.fraction = fraction
 
     def kept_rows(self, features: Tensor) -> Tensor:
         with torch.no_grad():
-            _, weights = self.head(features)
-        n_drop = min(math.ceil(self.fraction * len(features)), len(features) - 1)
-        return torch.argsort(weights, descending=True, stable=True)[n_drop:]
+            scores = self.scores(features)
+        return torch.argsort(scores, descending=True, stable=True)[n_dropped(len(features), self.fraction) :]
+
+    def scores(self, features: Tensor) -> Tensor:
+        raise NotImplementedError
 
 
-class FilteredHead(_KeepSubset):
-    """Drops tiles whose in-slide kNN outlier score exceeds ``threshold``; keeps the least
-    outlying tile if every tile is flagged."""
+class DropTopAttended(_DropTop):
+    def scores(self, features: Tensor) -> Tensor:
+        return self.head(features)[1]
 
-    def __init__(self, head: nn.Module, *, k: int, threshold: float) -> None:
-        super().__init__(head)
-        self.k, self.threshold = k, threshold
 
-    def kept_rows(self, features: Tensor) -> Tensor:
-        with torch.no_grad():
-            scores = knn_outlier_scores(features, k=self.k)
-        kept = torch.nonzero(scores <= self.threshold).flatten()
-        return kept if len(kept) else scores.argmin().view(1)
+class FilteredHead(_DropTop):
+    """Drops the tiles the in-slide detector ranks most outlying: on a clean bag exactly
+    ``fraction`` of its tiles (the detector's false-positive rate, matched by construction)."""
+
+    def __init__(self, head: nn.Module, *, fraction: float, k: int) -> None:
+        super().__init__(head, fraction=fraction)
+        self.k = k
+
+    def scores(self, features: Tensor) -> Tensor:
+        return knn_outlier_scores(features, k=self.k)
+
+
+def attention_evasion(
+    objective: ObjectiveFn, *, head: nn.Module, bag: Tensor, rows: Tensor, fraction: float, weight: float
+) -> ObjectiveFn:
+    """The adaptive attacker's objective against ``DropTopAttended``: ``objective`` minus
+    ``weight`` times how far (in log attention) each perturbed row of ``bag`` sits above the
+    weight at which the undefended ``head`` would drop it. The threshold is the
+    ``n_dropped``-th largest weight of the bag's other rows, so a row below it is kept whatever
+    its neighbours in the batch do; log weights make the penalty independent of the bag's size."""
+    others = torch.ones(len(bag), dtype=torch.bool, device=bag.device).index_fill(0, rows, False)
+    n_top = n_dropped(len(bag), fraction)
+
+    def evading(embedding: Tensor, clean: Tensor) -> Tensor:
+        _, weights = head(bag.index_put((rows,), embedding.to(bag.dtype)))
+        log_weights = weights.float().clamp_min(torch.finfo(torch.float32).tiny).log()
+        threshold = log_weights[others].detach().topk(min(n_top, int(others.sum()))).values[-1]
+        return objective(embedding, clean) - weight * (log_weights[rows] - threshold).clamp_min(0)
+
+    return evading
+
+
+def defended_head(module: nn.Module, defence: Mapping[str, Any] | None) -> nn.Module:
+    """A trained head behind its head defence (unchanged without one, or for a tile defence)."""
+    if not defence or defence["kind"] not in ("drop_top_attended", "knn_filter"):
+        return module
+    if defence["kind"] == "drop_top_attended":
+        return DropTopAttended(module, fraction=defence["fraction"]).eval()
+    return FilteredHead(module, fraction=defence["fraction"], k=defence["k"]).eval()

@@ -3,16 +3,19 @@
 A tile's score is the mean cosine distance of its embedding to its ``k`` nearest neighbours among
 the other tiles of the same slide: a perturbed tile whose embedding moved away from the tissue
 it shows becomes an outlier in its own slide, whatever the slide's overall appearance. The score
-needs no labels and no other slide. The threshold is calibrated on clean tiles of training
-slides at a chosen false-positive rate (``threshold_at_fpr``), so detection and filtering are
-compared at a matched FPR; ``detector_roc`` gives the ROC of attacked vs clean tiles.
+needs no labels and no other slide. The filter (``aggregation.FilteredHead``) drops the
+``fraction`` most outlying tiles of each bag, so its false-positive rate on a clean bag is that
+fraction; ``slide_detection`` reports, per attacked slide, the perturbed tiles it catches and
+the in-slide AUROC of perturbed vs other tiles (``detector_roc``).
 
 The adaptive attacker knows the detector: ``detection_aware`` adds to its objective a penalty on
-the score of the perturbed tile among the slide's clean tiles above the threshold.
+the perturbed tile's score among the slide's clean tiles above their ``1 - fraction`` quantile
+(``threshold_at_fpr``), the score above which the filter would drop it from a clean bag.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -47,6 +50,22 @@ def scores_against(embeddings: Tensor, *, reference: Tensor, k: int) -> Tensor:
     (those rows excluded by the caller): differentiable, for the adaptive attacker."""
     similarity = F.normalize(embeddings.float(), dim=1) @ F.normalize(reference.float(), dim=1).T
     return 1 - similarity.topk(min(k, len(reference)), dim=1).values.mean(dim=1)
+
+
+def n_dropped(n_tiles: int, fraction: float) -> int:
+    """Tiles a bag of ``n_tiles`` loses to a drop-the-top-``fraction`` defence (never all)."""
+    return min(math.ceil(fraction * n_tiles), n_tiles - 1)
+
+
+def slide_detection(bag: Tensor, *, index: np.ndarray, fraction: float, k: int) -> dict[str, float]:
+    """The detector on one attacked bag: how many of the perturbed rows ``index`` the filter
+    drops (it drops the ``fraction`` most outlying tiles) and the in-slide AUROC of the perturbed
+    rows' scores against the other tiles'."""
+    scores = knn_outlier_scores(torch.as_tensor(bag, dtype=torch.float32), k=k).numpy()
+    dropped = np.argsort(-scores, kind="stable")[: n_dropped(len(scores), fraction)]
+    others = np.setdiff1d(np.arange(len(scores)), index)
+    roc = detector_roc(clean_scores=scores[others], attacked_scores=scores[index], threshold=np.inf)
+    return {"detected": int(np.isin(index, dropped).sum()), "detection_auroc": roc["auroc"]}
 
 
 def threshold_at_fpr(clean_scores: np.ndarray, *, fpr: float) -> float:

@@ -23,7 +23,7 @@ for showing the masking. Borders mirror without repeating the edge pixel, as sci
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -31,11 +31,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from wsiattack.defences.params import ATTACKER_KEYS
+
 
 class TileDefence(nn.Module):
     """A transform of tiles in [0, 1]; ``randomised`` defences draw anew at every call."""
 
     randomised = False
+    entry: Mapping[str, object] = {}  # the config entry it was built from (build_defence)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
@@ -220,6 +223,14 @@ class DefendedEncoder(nn.Module):
         if eot_samples < 1 or (eot_samples > 1 and not defence.randomised):
             raise ValueError(f"eot_samples must be 1 for a deterministic defence and >= 1 otherwise, got {eot_samples}")
         self.defence, self.encoder, self.eot_samples = defence, encoder, eot_samples
+        # the TileEncoder's identity, so extraction, attack and re-embedding take it as an encoder
+        self.spec = getattr(encoder, "spec", None)
+        self.weights_id = getattr(encoder, "weights_id", None)
+        self.weights_source = getattr(encoder, "weights_source", None)
+
+    def describe(self) -> dict[str, object]:
+        """The encoder's identity plus the defence entry (recorded in every store it writes)."""
+        return {**self.encoder.describe(), "defence": dict(self.defence.entry), "eot_samples": self.eot_samples}
 
     def forward(self, x: Tensor) -> Tensor:
         total = sum(self.encoder(self.defence(x)).float() for _ in range(self.eot_samples))
@@ -241,12 +252,10 @@ def build_defence(spec: dict) -> TileDefence:
     kind = spec.get("kind")
     if kind not in DEFENCES:
         raise ValueError(f"unknown tile defence {kind!r}; known: {', '.join(DEFENCES)}")
+    params = {key: value for key, value in spec.items() if key not in ("kind", "name", *ATTACKER_KEYS)}
     try:
-        return DEFENCES[kind](**{key: value for key, value in spec.items() if key != "kind"})
+        defence = DEFENCES[kind](**params)
     except TypeError as error:
         raise ValueError(f"tile defence {kind!r}: {error}") from None
-
-
-def is_differentiable(defence: TileDefence) -> bool:
-    """Whether the adaptive attacker gets the defence's exact gradient (no BPDA needed)."""
-    return not isinstance(defence, JPEG | BitDepth)
+    defence.entry = dict(spec)
+    return defence
