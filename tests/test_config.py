@@ -36,6 +36,7 @@ OVERLAYS = {
     "universal_study.yaml": "config.yaml",
     "snap_study.yaml": "config.yaml",
     "backdoor_study.yaml": "config.yaml",
+    "defence_study.yaml": "config.yaml",
 }
 
 
