@@ -130,7 +130,7 @@ rule defence_table:
         spec=lambda wildcards: spec(
             {
                 "classes": CONFIG["classes"],
-                "defences": DEFENCES,
+                "defences": {name: defence_spec(name) for name in DEFENCE_NAMES},
                 "n_bootstrap": CONFIG["evaluation"]["n_bootstrap"],
                 "seed": CONFIG["evaluation"]["seed"],
             }

@@ -12,7 +12,7 @@ from torch import nn
 from wsiattack.attacks.driver import Problem
 from wsiattack.attacks.methods import build_method
 from wsiattack.attacks.objectives import cosine_distance
-from wsiattack.defences.aggregation import DropTopAttended, FilteredHead, attention_evasion
+from wsiattack.defences.aggregation import DropTopAttended, FilteredHead, drop_evasion
 from wsiattack.defences.detection import (
     detection_aware,
     detector_roc,
@@ -226,32 +226,38 @@ def test_drop_top_attended_predicts_the_bag_without_its_most_attended_tiles(abmi
     assert (grad[top] == 0).all() and grad[keep].abs().sum() > 0
 
 
-def test_attention_evasion_gives_a_dropped_tile_a_gradient_and_spares_a_kept_one(abmil):
-    """A perturbed tile that DropTopAttended drops has no gradient through the defended head; the
-    evasion penalty gives it one (towards less attention), and is zero for a tile below the drop line."""
-    bag = torch.randn(20, 8, generator=torch.Generator().manual_seed(1))
-    defended = DropTopAttended(abmil, fraction=0.1)  # 2 of 20 dropped
-    order = torch.argsort(abmil(bag)[1], descending=True)
+@pytest.mark.parametrize("kind", ["drop_top_attended", "knn_filter"])
+def test_drop_evasion_gives_a_dropped_tile_a_gradient_and_spares_a_kept_one(abmil, kind):
+    """A perturbed tile that a head defence drops has no gradient through the defended head; the
+    evasion penalty gives it one (towards a lower score), and is zero for a tile below the drop line."""
+    bag = clustered_bag(n=20, outliers=[3])
+    if kind == "drop_top_attended":
+        defended = DropTopAttended(abmil, fraction=0.1)
+    else:
+        defended = FilteredHead(abmil, fraction=0.1, k=5)
+    scores = defended.evasion_scores(bag)
+    order = torch.argsort(scores, descending=True)  # 2 of 20 dropped
     target = torch.tensor([1])
-
-    def objective(embedding, _clean, rows):
-        logits, _ = defended(bag.index_put((rows,), embedding))
-        return torch.nn.functional.cross_entropy(logits[None], target).expand(len(embedding))
 
     for row, dropped in ((order[0], True), (order[-1], False)):
         rows = row.reshape(1)
-        plain = lambda e, c, rows=rows: objective(e, c, rows)  # noqa: E731
-        evading = attention_evasion(plain, head=abmil, bag=bag, rows=rows, fraction=0.1, weight=2.0)
+
+        def plain(embedding, _clean, rows=rows):
+            logits, _ = defended(bag.index_put((rows,), embedding))
+            return torch.nn.functional.cross_entropy(logits[None], target).expand(len(embedding))
+
+        evading = drop_evasion(plain, defended=defended, bag=bag, rows=rows, weight=2.0)
         embedding = bag[rows].clone().requires_grad_(True)
         (plain_grad,) = torch.autograd.grad(plain(embedding, bag[rows]).sum(), embedding)
         value = evading(embedding, bag[rows])
         (grad,) = torch.autograd.grad(value.sum(), embedding)
         assert bool((plain_grad == 0).all()) == dropped
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
-        if dropped:  # the penalty by hand: 2 x (log w_row - log of the 2nd largest weight of the others)
-            log_w = abmil(bag)[1].log()
-            expected = 2.0 * (log_w[row] - log_w[order[2]])
+        if dropped:  # by hand: 2 x (its score - the 2nd highest score of the other rows)
+            expected = 2.0 * (scores[row] - scores[order[2]])
             torch.testing.assert_close(plain(embedding, bag[rows]) - value, expected.reshape(1), rtol=1e-5, atol=1e-6)
+            stepped = embedding + 0.05 * grad.sign()  # ascending the evading objective lowers the score
+            assert defended.evasion_scores(bag.index_put((rows,), stepped.detach()))[row] < scores[row]
         else:
             torch.testing.assert_close(value, plain(embedding, bag[rows]))
 

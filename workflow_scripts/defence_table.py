@@ -16,7 +16,7 @@ def main(smk, spec):
     table = defencetable.defence_table(
         defended,
         undefended,
-        defences=spec["defences"]["defences"],
+        defences=spec["defences"],
         classes=spec["classes"],
         n_bootstrap=spec["n_bootstrap"],
         seed=spec["seed"],

@@ -37,8 +37,9 @@ from wsiattack.attacks.methods import Method, build_method
 from wsiattack.attacks.objectives import Objective, ObjectiveFn
 from wsiattack.attacks.oracle import MILHead
 from wsiattack.attacks.params import method_params, threat_marking, uses_mil_head
-from wsiattack.defences.aggregation import attention_evasion
+from wsiattack.defences.aggregation import drop_evasion
 from wsiattack.defences.detection import detection_aware, knn_outlier_scores, threshold_at_fpr
+from wsiattack.defences.params import HEAD_DEFENCES
 from wsiattack.encoders.embedding import channels_first, to_unit_pixels
 from wsiattack.encoders.model import TileEncoder
 from wsiattack.errors import AttackError, StoreError
@@ -275,8 +276,8 @@ class _BatchObjectives:
     ):
         self.objective, self.context, self.bag, self.evading = objective, context, None, None
         self.defence = defence or {}
-        if defence and defence["kind"] == "knn_filter":  # the adaptive attacker of the in-slide detector
-            self.evading = _detection_evasion(context, index=index, defence=defence)
+        if defence and defence["kind"] == "knn_filter" and not objective.needs_mil_head:
+            self.evading = _detection_evasion(context, index=index, defence=defence)  # label-free: no head
         if objective.needs_mil_head:
             features = context.features(required_by=f"objective {objective.name!r}")
             context.mil_head.check_bag(features.shape[1], where=str(context.features_store))
@@ -290,13 +291,12 @@ class _BatchObjectives:
         else:
             rows = self.rows[start : start + ATTACK_BATCH]
             fn = self.context.mil_head.objective_for(bag=self.bag, rows=rows)
-            if self.defence.get("kind") == "drop_top_attended":  # a dropped tile has no gradient through the head
-                fn = attention_evasion(
+            if self.defence.get("kind") in HEAD_DEFENCES:  # a dropped tile has no gradient through the head
+                fn = drop_evasion(
                     fn,
-                    head=self.context.mil_head.module.head,
+                    defended=self.context.mil_head.module,
                     bag=self.bag,
                     rows=rows,
-                    fraction=self.defence["fraction"],
                     weight=self.defence["detection_weight"],
                 )
         return self.evading(fn) if self.evading else fn

@@ -5,8 +5,8 @@ model (weights 0 on the tiles it left out), and has ``in_dim`` and ``n_classes``
 predicts through it, and the gray-box oracle (``MILHead``) attacks through it unchanged: that is
 the adaptive attacker, who differentiates through the tiles the defence keeps. The choice of
 tiles itself is piecewise constant, and a perturbed tile the defence drops has no gradient
-through the head; so the adaptive attacker also pays a penalty for being dropped:
-``attention_evasion`` for ``DropTopAttended``, ``detection.detection_aware`` for ``FilteredHead``.
+through the head; so the adaptive attacker also pays a penalty for being dropped
+(``drop_evasion``, scored as the defence scores the attacked bag).
 
 - ``DropTopAttended``: the bag is predicted again without its ``fraction`` most-attended tiles
   (at least one when fraction > 0, never all). An attack that works by drawing attention to a
@@ -69,6 +69,10 @@ class DropTopAttended(_DropTop):
     def scores(self, features: Tensor) -> Tensor:
         return self.head(features)[1]
 
+    def evasion_scores(self, features: Tensor) -> Tensor:
+        """Log attention: a penalty independent of the bag's size."""
+        return self.scores(features).float().clamp_min(torch.finfo(torch.float32).tiny).log()
+
 
 class FilteredHead(_DropTop):
     """Drops the tiles the in-slide detector ranks most outlying: on a clean bag exactly
@@ -81,23 +85,26 @@ class FilteredHead(_DropTop):
     def scores(self, features: Tensor) -> Tensor:
         return knn_outlier_scores(features, k=self.k)
 
+    def evasion_scores(self, features: Tensor) -> Tensor:
+        return self.scores(features).float()
 
-def attention_evasion(
-    objective: ObjectiveFn, *, head: nn.Module, bag: Tensor, rows: Tensor, fraction: float, weight: float
+
+def drop_evasion(
+    objective: ObjectiveFn, *, defended: _DropTop, bag: Tensor, rows: Tensor, weight: float
 ) -> ObjectiveFn:
-    """The adaptive attacker's objective against ``DropTopAttended``: ``objective`` minus
-    ``weight`` times how far (in log attention) each perturbed row of ``bag`` sits above the
-    weight at which the undefended ``head`` would drop it. The threshold is the
-    ``n_dropped``-th largest weight of the bag's other rows, so a row below it is kept whatever
-    its neighbours in the batch do; log weights make the penalty independent of the bag's size."""
+    """The adaptive attacker's objective against a head that drops the top-scoring tiles:
+    ``objective`` minus ``weight`` times how far each perturbed row of ``bag`` scores above the
+    ``n_dropped``-th highest score of the bag's other rows (detached), scored as ``defended``
+    scores the attacked bag (``evasion_scores``). A row below that line is kept whatever its
+    neighbours in the batch do, and is not penalised; a row above it, whose gradient through the
+    head is zero, is pushed down."""
     others = torch.ones(len(bag), dtype=torch.bool, device=bag.device).index_fill(0, rows, False)
-    n_top = n_dropped(len(bag), fraction)
+    n_top = min(n_dropped(len(bag), defended.fraction), int(others.sum()))
 
     def evading(embedding: Tensor, clean: Tensor) -> Tensor:
-        _, weights = head(bag.index_put((rows,), embedding.to(bag.dtype)))
-        log_weights = weights.float().clamp_min(torch.finfo(torch.float32).tiny).log()
-        threshold = log_weights[others].detach().topk(min(n_top, int(others.sum()))).values[-1]
-        return objective(embedding, clean) - weight * (log_weights[rows] - threshold).clamp_min(0)
+        scores = defended.evasion_scores(bag.index_put((rows,), embedding.to(bag.dtype)))
+        threshold = scores[others].detach().topk(n_top).values[-1] if n_top else scores.new_tensor(float("inf"))
+        return objective(embedding, clean) - weight * (scores[rows] - threshold).clamp_min(0)
 
     return evading
 
