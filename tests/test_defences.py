@@ -21,6 +21,7 @@ from wsiattack.defences.detection import (
     slide_detection,
     threshold_at_fpr,
 )
+from wsiattack.defences.pipeline import pipeline_of
 from wsiattack.defences.transforms import (
     JPEG,
     BitDepth,
@@ -146,6 +147,15 @@ def test_noise_draws_anew_repeats_per_seed_and_eot_averages_the_draws(he_tiles):
     torch.testing.assert_close(eot(he_tiles), draws)
     with pytest.raises(ValueError, match="deterministic"):
         DefendedEncoder(defence=BitDepth(bits=3), encoder=linear, eot_samples=4)
+    # the adaptive attack's tiles are re-embedded by the pipeline: one draw, not the attacker's mean
+    pipeline = pipeline_of(eot)
+    assert pipeline.eot_samples == 1 and pipeline.encoder is linear and pipeline.defence is eot.defence
+    one_draw = GaussianNoise(sigma=0.05, seed=2)
+    torch.testing.assert_close(
+        pipeline_of(DefendedEncoder(defence=one_draw, encoder=linear))(he_tiles),
+        linear(GaussianNoise(sigma=0.05, seed=2)(he_tiles)),
+    )
+    assert pipeline_of(linear) is linear
 
 
 def test_build_defence_from_config_entries():

@@ -7,7 +7,7 @@ from wsiattack import rulekit, runtime, shardjobs
 from wsiattack.attacks.oracle import load_fold_head
 from wsiattack.attacks.params import uses_mil_head
 from wsiattack.defences.aggregation import defended_head
-from wsiattack.defences.pipeline import encoder_for
+from wsiattack.defences.pipeline import encoder_for, pipeline_of
 
 
 def main(smk, spec):
@@ -20,9 +20,11 @@ def main(smk, spec):
         head = load_fold_head(slide_id=slide_id, splits_csv=smk.input.splits, model_paths=smk.input.mil_heads)
         return dataclasses.replace(head, module=defended_head(head.module, defence))
 
+    encoder = encoder_for(spec, attacker=True)
     shardjobs.attack_shard(
         slides=slides,
-        encoder=encoder_for(spec, attacker=True),
+        encoder=encoder,
+        reembed_encoder=pipeline_of(encoder),
         spec=attack,
         batch_size=spec["batch_size"],
         device=runtime.resolve_device(smk.params.device),

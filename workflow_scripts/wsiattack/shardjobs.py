@@ -107,13 +107,16 @@ def attack_shard(
     features_dir: str | Path | None = None,
     mil_head_of: Callable[[str], Any] | None = None,
     reader_threads: int = 1,
+    reembed_encoder: TileEncoder | None = None,
 ) -> int:
     """Perturb, then re-embed, the selected tiles of every slide of a shard; return the tiles attacked.
 
     ``features_dir`` is the shard's clean features (for the selections and objectives that need
     them); ``mil_head_of(slide_id)`` gives the gray-box attacks the head of the slide's test fold.
     ``out_reembedded`` None: perturb only (a transfer attack's surrogate job; ``reembed_shard``
-    re-embeds the tiles with each target).
+    re-embeds the tiles with each target). ``reembed_encoder``: the pipeline that re-embeds the
+    stored tiles where it is not the attacker's model (a randomised defence: the pipeline draws
+    once, its adaptive attacker averages draws); ``encoder`` by default.
     """
     total = 0
     with contextlib.ExitStack() as outputs:
@@ -136,7 +139,7 @@ def attack_shard(
                 reader_threads=reader_threads,
             )
             if reembedded_tmp is not None:
-                _reembed(slide.slide_id, attack_store, encoder, batch_size, device, reembedded_tmp)
+                _reembed(slide.slide_id, attack_store, reembed_encoder or encoder, batch_size, device, reembedded_tmp)
     return total
 
 

@@ -3,7 +3,8 @@
 A rule's spec carries the defence entry (``defences.params``, with its ``name``) under
 ``defence``. Tile defences wrap the encoder (extraction, re-embedding, the adaptive attack: the
 pipeline draws a randomised defence once per tile, its adaptive attacker averages
-``eot_samples`` draws); head defences wrap each fold's MIL head (evaluation, and the gray-box
+``eot_samples`` draws, and the adaptive attack's tiles are re-embedded by the pipeline:
+``pipeline_of``); head defences wrap each fold's MIL head (evaluation, and the gray-box
 oracle of the adaptive attack): ``aggregation.defended_head``.
 """
 
@@ -27,3 +28,11 @@ def encoder_for(spec: Mapping[str, Any], *, attacker: bool = False) -> nn.Module
         return encoder
     eot_samples = defence["eot_samples"] if attacker else 1
     return DefendedEncoder(defence=build_defence(defence), encoder=encoder, eot_samples=eot_samples).eval()
+
+
+def pipeline_of(encoder: nn.Module) -> nn.Module:
+    """What the defended pipeline computes for the attacker's model ``encoder``: one draw of a
+    randomised defence where the attacker averages ``eot_samples`` (same defence and weights)."""
+    if isinstance(encoder, DefendedEncoder) and encoder.eot_samples > 1:
+        return DefendedEncoder(defence=encoder.defence, encoder=encoder.encoder, eot_samples=1).eval()
+    return encoder
