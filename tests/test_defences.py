@@ -453,6 +453,7 @@ def test_defence_table_by_hand():
     shift = rows.loc["tile_cosine_distance"]  # 0.1 undefended, 0.02 and 0.05 defended: both gains positive
     assert shift["nonadaptive_gain"] == pytest.approx(0.08) and shift["adaptive_gain"] == pytest.approx(0.05)
     assert np.isnan(shift["clean_cost"]) and not rows["red_flag"].any()
+    assert rows["attack_moved"].all()  # 4 of 8 slides flipped, every interval excludes 0
     assert accuracy["detected_nonadaptive"] == 2 / 8 and accuracy["detection_auroc_adaptive"] == 0.5
     swapped = defence_rows(
         undefended=undefended,
@@ -473,7 +474,7 @@ def test_defence_table_by_hand():
         n_bootstrap=0,
         seed=0,
     ).set_index("metric")
-    assert not unmoved.loc[["accuracy", "flip_rate", "p_true_class"], "red_flag"].any()
+    assert not unmoved.loc[["accuracy", "flip_rate", "p_true_class"], ["attack_moved", "red_flag"]].any().any()
     assert unmoved.loc["tile_cosine_distance", "red_flag"]
     jpeg = defence_rows(
         undefended=undefended,

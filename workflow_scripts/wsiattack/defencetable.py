@@ -13,6 +13,7 @@ interval resamples patients like every other interval of the workflow:
   better) the sign is turned;
 - two continuous measures that move where no slide flips (``shift_rows``): ``p_true_class`` and
   the perturbed tiles' embedding shift ``tile_cosine_distance``;
+- ``attack_moved``: the undefended attack moved the measure (its 95 % interval excludes 0);
 - ``red_flag``: a defence whose adaptive attacker has its exact gradient (gaussian, median,
   reinhard), on a measure the undefended attack moved, where the adaptive attack hurts no more
   than the non-adaptive one: the adaptive attack is then suspect, not the defence strong.
@@ -81,6 +82,9 @@ def defence_rows(
         out[f"{mode}_gain"] = gain["drop"].where(~flips, plain["attacked"] - out[f"attacked_{mode}"])
         out[f"{mode}_gain_ci_low"] = gain["drop_ci_low"].where(~flips, np.nan)
         out[f"{mode}_gain_ci_high"] = gain["drop_ci_high"].where(~flips, np.nan)
+    out["attack_moved"] = [
+        moved(*values) for values in plain[["drop", "drop_ci_low", "drop_ci_high"]].itertuples(index=False)
+    ]
     out = pd.concat([out, shift_rows(undefended, nonadaptive, adaptive, classes=classes, **_resampling(settings))])
     out["red_flag"] = _red_flags(out, kind=kind)
     for mode, table in (("nonadaptive", nonadaptive), ("adaptive", adaptive)):
@@ -146,6 +150,8 @@ def shift_rows(
         "p_true_class": row(p_true, higher_is_better=True),
         "tile_cosine_distance": {"clean": 0.0, "clean_defended": 0.0, **row(shift, higher_is_better=False)},
     }
+    rows["p_true_class"]["attack_moved"] = moved(*difference(p_true["clean"], p_true["attacked"]))
+    rows["tile_cosine_distance"]["attack_moved"] = moved(*difference(shift["attacked"], np.zeros(len(order))))
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
@@ -156,18 +162,27 @@ def _gain_columns(mode: str) -> tuple[str, str, str]:
     return (f"{mode}_gain", f"{mode}_gain_ci_low", f"{mode}_gain_ci_high")
 
 
+def moved(value: float, low: float, high: float) -> bool:
+    """Whether the undefended attack moved a measure: its 95 % interval excludes 0 (without an
+    interval, n_bootstrap 0: its value is not 0)."""
+    if np.isnan(low) or np.isnan(high):
+        return bool(value != 0)
+    return bool(low > 0 or high < 0)
+
+
 def _red_flags(rows: pd.DataFrame, *, kind: str) -> pd.Series:
     """A defence whose adaptive attacker has its exact gradient, on a measure that the undefended
-    attack moved, where the adaptive attack hurts no more than the non-adaptive one. A measure the
-    attack did not move (no slide flipped) cannot tell the two attackers apart: never flagged."""
+    attack moved (``attack_moved``), where the adaptive attack hurts no more than the non-adaptive
+    one (a tie included). A measure the attack did not move (no slide flipped) cannot tell the
+    two attackers apart: never flagged."""
     lower_is_better = rows.index.isin(["flip_rate", "tile_cosine_distance"])
-    moved = (rows["attacked"] - rows["clean"]).abs() > 1e-12
     adaptive_no_worse = np.where(
         lower_is_better,
         rows["attacked_adaptive"] <= rows["attacked_nonadaptive"],
         rows["attacked_adaptive"] >= rows["attacked_nonadaptive"],
     )
-    return pd.Series(bool(kind in EXACT_GRADIENT_DEFENCES) & moved.to_numpy() & adaptive_no_worse, index=rows.index)
+    exact = kind in EXACT_GRADIENT_DEFENCES
+    return pd.Series(exact & rows["attack_moved"].to_numpy(dtype=bool) & adaptive_no_worse, index=rows.index)
 
 
 def defence_table(
