@@ -37,6 +37,7 @@ OVERLAYS = {
     "snap_study.yaml": "config.yaml",
     "backdoor_study.yaml": "config.yaml",
     "defence_study.yaml": "config.yaml",
+    "defence_redflag.yaml": "config.yaml",
 }
 
 
