@@ -330,9 +330,9 @@ def plot_backdoor_trigger(store_path: str | Path, out_png: str | Path) -> None:
 
 
 def plot_defences(table: pd.DataFrame, out_png: str | Path) -> None:
-    """Per (encoder, MIL model): accuracy, flip rate, p(true class) and the perturbed tiles'
-    embedding shift of each (defence, attack) without the defence, with it against the
-    non-adaptive attack and against the adaptive one."""
+    """Per (encoder, MIL model), one panel per measure (accuracy, flip rate, p(true class), the
+    perturbed tiles' embedding shift): each (defence, attack) without the defence, with it against
+    the non-adaptive attack and against the adaptive one; each bar kind has one colour throughout."""
     bars = [
         ("clean", "clean, undefended"),
         ("clean_defended", "clean, defended"),
@@ -340,24 +340,31 @@ def plot_defences(table: pd.DataFrame, out_png: str | Path) -> None:
         ("attacked_nonadaptive", "attacked, defended (non-adaptive)"),
         ("attacked_adaptive", "attacked, defended (adaptive)"),
     ]
+    colours = dict(zip((column for column, _ in bars), plt.get_cmap("tab10").colors, strict=False))
     metrics = ("accuracy", "flip_rate", "p_true_class", "tile_cosine_distance")
     groups = list(table.groupby(["encoder", "mil"], sort=False))
-    fig, axes = plt.subplots(len(groups), len(metrics), figsize=(22, 3.8 * len(groups)), squeeze=False)
-    for row, ((encoder, mil), group) in enumerate(groups):
-        for col, metric in enumerate(metrics):
+    n_pairs = max(len(group[group["metric"] == metrics[0]]) for _, group in groups)
+    fig, axes = plt.subplots(
+        len(groups) * len(metrics),
+        1,
+        figsize=(max(8.0, 0.9 * n_pairs + 2), 2.6 * len(metrics) * len(groups)),
+        squeeze=False,
+    )
+    width = 0.8 / len(bars)
+    for g, ((encoder, mil), group) in enumerate(groups):
+        for m, metric in enumerate(metrics):
+            ax = axes[g * len(metrics) + m][0]
             part = group[group["metric"] == metric]
-            labels = [f"{d}\nvs {a}" for d, a in zip(part["defence"], part["attack"], strict=True)]
-            width = 0.8 / len(bars)
-            ax = axes[row][col]
             for j, (column, label) in enumerate(bars):
                 if metric in ("flip_rate", "tile_cosine_distance") and column.startswith("clean"):
                     continue  # nothing to measure without an attack
                 x = np.arange(len(part)) + (j - (len(bars) - 1) / 2) * width
-                ax.bar(x, part[column].to_numpy(dtype=float), width, label=label)
-            ax.set_xticks(range(len(part)), labels, fontsize=7)
+                ax.bar(x, part[column].to_numpy(dtype=float), width, label=label, color=colours[column])
+            labels = [f"{d} vs {a}" for d, a in zip(part["defence"], part["attack"], strict=True)]
+            ax.set_xticks(range(len(part)), labels, fontsize=7, rotation=30, ha="right")
             if metric != "tile_cosine_distance":
                 ax.set_ylim(0, 1.05)
             ax.set_title(f"{encoder} / {mil}: {metric}", fontsize=9)
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     _save(fig, out_png)
