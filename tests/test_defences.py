@@ -422,15 +422,19 @@ def test_defence_table_by_hand():
     )
     nonadaptive["detected"], nonadaptive["detection_auroc"] = [1, 0, 0, 0, 0, 0, 0, 1], 0.75
     adaptive["detected"], adaptive["detection_auroc"] = 0, 0.5
-    rows = defence_rows(
-        undefended=undefended,
-        nonadaptive=nonadaptive,
-        adaptive=adaptive,
-        kind="median",
-        classes=["normal", "tumor"],
-        n_bootstrap=200,
-        seed=0,
-    ).set_index("metric")
+
+    def table(undefended, nonadaptive, adaptive, *, kind="median", n_bootstrap=0):
+        return defence_rows(
+            undefended=undefended,
+            nonadaptive=nonadaptive,
+            adaptive=adaptive,
+            kind=kind,
+            classes=["normal", "tumor"],
+            n_bootstrap=n_bootstrap,
+            seed=0,
+        ).set_index("metric")
+
+    rows = table(undefended, nonadaptive, adaptive, n_bootstrap=200)
     accuracy = rows.loc["accuracy"]
     assert accuracy["clean"] == 1.0 and accuracy["clean_defended"] == 7 / 8 and accuracy["clean_cost"] == 1 / 8
     assert (
@@ -455,34 +459,13 @@ def test_defence_table_by_hand():
     assert np.isnan(shift["clean_cost"]) and not rows["red_flag"].any()
     assert rows["attack_moved"].all()  # 4 of 8 slides flipped, every interval excludes 0
     assert accuracy["detected_nonadaptive"] == 2 / 8 and accuracy["detection_auroc_adaptive"] == 0.5
-    swapped = defence_rows(
-        undefended=undefended,
-        nonadaptive=adaptive,
-        adaptive=nonadaptive,
-        kind="median",
-        classes=["normal", "tumor"],
-        n_bootstrap=0,
-        seed=0,
-    ).set_index("metric")
+    swapped = table(undefended, adaptive, nonadaptive)
     assert swapped.loc[["accuracy", "flip_rate", "p_true_class", "tile_cosine_distance"], "red_flag"].all()
-    unmoved = defence_rows(  # an attack that flips nothing cannot tell the attackers apart on accuracy
-        undefended=eval_table(slides=slides, labels=labels, probs_clean=right, probs_attacked=right),
-        nonadaptive=nonadaptive,
-        adaptive=nonadaptive,
-        kind="median",
-        classes=["normal", "tumor"],
-        n_bootstrap=0,
-        seed=0,
-    ).set_index("metric")
+    # an attack that flips nothing cannot tell the attackers apart on accuracy
+    unmoved = table(
+        eval_table(slides=slides, labels=labels, probs_clean=right, probs_attacked=right), nonadaptive, nonadaptive
+    )
     assert not unmoved.loc[["accuracy", "flip_rate", "p_true_class"], ["attack_moved", "red_flag"]].any().any()
     assert unmoved.loc["tile_cosine_distance", "red_flag"]
-    jpeg = defence_rows(
-        undefended=undefended,
-        nonadaptive=adaptive,
-        adaptive=nonadaptive,
-        kind="jpeg",
-        classes=["normal", "tumor"],
-        n_bootstrap=0,
-        seed=0,
-    )
+    jpeg = table(undefended, adaptive, nonadaptive, kind="jpeg")
     assert not jpeg["red_flag"].any()  # BPDA: no exact gradient, no red flag by this rule
