@@ -4,6 +4,7 @@ token), custom factories, and the extraction loop with its device plumbing."""
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 
@@ -472,3 +473,32 @@ def test_an_encoder_that_rescales_the_tiles_is_named_in_a_warning(caplog):
         "slide_1: encoder 'conch_v1_5' takes 448 px input but the tiles are 224 px" in caplog.text
         and "set tiling.tile_px to 448" in caplog.text
     )
+
+
+def test_weights_hash_is_cached_by_file_size_and_mtime(demo_state, tmp_path, monkeypatch):
+    """The second build of the same file does not hash the weights again; a changed file does."""
+    path = tmp_path / "weights.safetensors"
+    save_file(demo_state, path)
+    monkeypatch.setenv("WSIATTACK_CACHE_DIR", str(tmp_path / "cache"))
+    calls = []
+    real = weights.state_dict_sha256
+    monkeypatch.setattr(weights, "state_dict_sha256", lambda m: calls.append(1) or real(m))
+    first = build_encoder("demo", checkpoint=str(path)).weights_id
+    assert build_encoder("demo", checkpoint=str(path)).weights_id == first
+    assert len(calls) == 1
+    changed = {k: v + 1 if v.is_floating_point() else v for k, v in demo_state.items()}
+    save_file(changed, path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert build_encoder("demo", checkpoint=str(path)).weights_id != first
+    assert len(calls) == 2
+
+
+def test_unwritable_weights_hash_cache_only_costs_the_hash(demo_state, tmp_path, monkeypatch):
+    path = tmp_path / "weights.safetensors"
+    save_file(demo_state, path)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("WSIATTACK_CACHE_DIR", str(blocker))
+    reference = build_architecture(registry.get_spec("demo"))
+    reference.load_state_dict(demo_state)
+    assert build_encoder("demo", checkpoint=str(path)).weights_id == f"sha256:{state_dict_sha256(reference)[:16]}"

@@ -221,9 +221,11 @@ def build_encoder(
     """
     spec = resolve_spec(name, custom=custom)
     preflight.preflight(name, checkpoint=checkpoint, custom=spec)
-    backbone, source = _backbone_with_weights(spec, checkpoint)
+    backbone, source, path = _backbone_with_weights(spec, checkpoint)
     backbone = backbone.float()  # gradients in float32; autocast lowers precision for extraction only
-    digest = state_dict_sha256(_weights_module(backbone))[:16]
+    module = _weights_module(backbone)
+    full = state_dict_sha256(module) if path is None else weights.cached_state_dict_sha256(module, path=path, spec=spec)
+    digest = full[:16]
     seeded = spec.weights == "seeded" and checkpoint is None
     weights_id = f"seeded:{spec.seed}:sha256:{digest}" if seeded else f"sha256:{digest}"
     log.info("encoder %s: %s, weights %s from %s", name, spec.architecture, weights_id, source)
@@ -231,23 +233,24 @@ def build_encoder(
     return encoder.eval().requires_grad_(False)
 
 
-def _backbone_with_weights(spec: EncoderSpec, checkpoint: str | None) -> tuple[nn.Module, str]:
+def _backbone_with_weights(spec: EncoderSpec, checkpoint: str | None) -> tuple[nn.Module, str, Path | None]:
+    """The backbone with its weights, where they came from, and the file they were read from (if any)."""
     if checkpoint is not None:
         path = weights.resolve_checkpoint(checkpoint, spec=spec)
         source = f"local:{path}"
     elif spec.weights == "seeded":
-        return _seeded_architecture(spec), "seeded"
+        return _seeded_architecture(spec), "seeded", None
     elif spec.weights == "bundled":
         path = preflight.bundled_weights(spec)
         source = f"bundled:{path.name}"
     elif spec.weights == "factory":
-        return build_architecture(spec), f"factory:{spec.architecture}"
+        return build_architecture(spec), f"factory:{spec.architecture}", None
     else:
         path = weights.fetch_hub_weights(spec)
         source = f"hf-hub:{spec.hub_repo}"
     if spec.loader == "trident":
-        return _trident_pretrained(spec, path, source=source), source
-    return _load_weights(spec, weights.read_state_dict(path, encoder=spec.name), source=source), source
+        return _trident_pretrained(spec, path, source=source), source, path
+    return _load_weights(spec, weights.read_state_dict(path, encoder=spec.name), source=source), source, path
 
 
 def _seeded_architecture(spec: EncoderSpec) -> nn.Module:

@@ -9,7 +9,9 @@ put in a message, and never written into a store.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -181,6 +183,43 @@ def _download(spec: EncoderSpec, filename: str, *, token: str | None) -> Path | 
         raise EncoderError(
             f"encoder {spec.name!r}: downloading {where} failed ({type(error).__name__}: {str(error).splitlines()[0][:200]}); retry or {_set_path_hint(spec)}"
         ) from error
+
+
+def cached_state_dict_sha256(module: nn.Module, *, path: Path, spec: EncoderSpec, cache_dir: Path | None = None) -> str:
+    """``state_dict_sha256`` of weights loaded from ``path``, remembered per (file, size, mtime).
+
+    Hashing a 1-5 GB checkpoint costs every job seconds of CPU; the digest is a function of the
+    file's bytes and of how the spec loads them, so it is kept in a small file named by the hash
+    of (spec, resolved path, size, mtime_ns) under ``$WSIATTACK_CACHE_DIR`` (default
+    ``$XDG_CACHE_HOME/wsiattack`` or ``~/.cache/wsiattack``). A replaced or touched file misses
+    the cache; an unwritable cache directory only costs the hash.
+    """
+    stat = path.stat()
+    identity = json.dumps(
+        [spec.name, spec.architecture, spec.loader, str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    )
+    entry = (cache_dir or _cache_dir()) / "weights-sha256" / hashlib.sha256(identity.encode()).hexdigest()
+    try:
+        cached = entry.read_text().strip()
+        if len(cached) == 64:
+            return cached
+    except OSError:
+        pass
+    digest = state_dict_sha256(module)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        tmp.replace(entry)  # atomic: a concurrent job reads the old entry or the whole new one
+    except OSError as error:
+        log.warning("weights hash cache %s not writable (%s): the digest is recomputed next time", entry.parent, error)
+    return digest
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("WSIATTACK_CACHE_DIR"):
+        return Path(os.environ["WSIATTACK_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wsiattack"
 
 
 def state_dict_sha256(module: nn.Module) -> str:
