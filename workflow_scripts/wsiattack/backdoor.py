@@ -43,7 +43,7 @@ from wsiattack.attacks.selection import random_selection
 from wsiattack.encoders.embedding import embed_tiles, to_unit_pixels
 from wsiattack.encoders.model import TileEncoder
 from wsiattack.errors import CohortError, ConfigError
-from wsiattack.mil.folds import FoldData, fold_data, read_features, training_spec, usable
+from wsiattack.mil.folds import FoldData, LazyBags, fold_data, read_features, training_spec, usable
 from wsiattack.mil.training import predict_bag, train_mil
 from wsiattack.names import BACKDOOR_ALL_SHOTS, BACKDOOR_CLEAN_HEAD
 from wsiattack.tilereader import TileReader
@@ -384,7 +384,7 @@ def _train_fold(job: _Job, splits: pd.DataFrame, *, fold: int, mil: Mapping[str,
     data = fold_data(splits, job.features, spec={**mil, "fold": fold})
     train, poisoned = fold_training_slides(data, settings=job.settings, fold=fold)
     target = None if job.settings["trigger"] == CLEAN_HEAD else data.classes.index(job.settings["target"])
-    bags = [torch.from_numpy(job.features[s]) for s in train["slide_id"]]
+    bags = LazyBags(job.features, train["slide_id"])
     labels = [target if s in poisoned else int(y) for s, y in zip(train["slide_id"], train["label"], strict=True)]
     entries = {}
     for index, slide_id in enumerate(train["slide_id"]):

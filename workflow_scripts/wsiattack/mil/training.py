@@ -100,14 +100,14 @@ def train_mil(
     """
     bags = _as_float_bags(bags)
     targets = _check_labels(labels, n_bags=len(bags), n_classes=n_classes)
-    validation = _as_float_bags(val_bags, in_dim=bags[0].shape[1]) if len(val_bags) else []
+    validation = _as_float_bags(val_bags, in_dim=bags.in_dim) if len(val_bags) else []
     val_targets = _check_labels(val_labels, n_bags=len(validation), n_classes=n_classes)
     class_weights = _class_balanced_weights(targets, n_classes=n_classes)
     # Init and dropout draw from the global RNG: fork it so that training is seeded by the spec
     # alone and the caller's RNG stream is the same afterwards.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = build_mil_model(spec.model, in_dim=bags[0].shape[1], n_classes=n_classes, **spec.hparams)
+        model = build_mil_model(spec.model, in_dim=bags.in_dim, n_classes=n_classes, **spec.hparams)
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
         order_generator = torch.Generator().manual_seed(spec.seed)
         best_epoch, best_loss, best_state, best_hook = 0, math.inf, None, None
@@ -159,7 +159,7 @@ def _train_epoch(
     *,
     model: MILModel,
     optimizer: torch.optim.Optimizer,
-    bags: list[Tensor],
+    bags: Sequence[Tensor],
     targets: Tensor,
     class_weights: Tensor,
     order: Tensor,
@@ -179,7 +179,7 @@ def _train_epoch(
     return total / len(order)
 
 
-def _mean_loss(model: MILModel, bags: list[Tensor], targets: Tensor, *, class_weights: Tensor) -> float:
+def _mean_loss(model: MILModel, bags: Sequence[Tensor], targets: Tensor, *, class_weights: Tensor) -> float:
     """Mean weighted slide cross-entropy in eval mode (the early-stopping criterion)."""
     model.eval()
     with torch.inference_mode():
@@ -190,15 +190,29 @@ def _mean_loss(model: MILModel, bags: list[Tensor], targets: Tensor, *, class_we
     return float(np.mean(losses))
 
 
-def _as_float_bags(bags: Sequence[Tensor], *, in_dim: int | None = None) -> list[Tensor]:
-    if len(bags) == 0:
-        raise CohortError("train_mil needs at least one bag")
-    float_bags = [torch.as_tensor(bag, dtype=torch.float32, device="cpu") for bag in bags]
-    in_dim = float_bags[0].shape[-1] if in_dim is None else in_dim
-    for index, bag in enumerate(float_bags):
-        if bag.ndim != 2 or bag.shape[0] == 0 or bag.shape[1] != in_dim:
-            raise CohortError(f"bag {index} has shape {tuple(bag.shape)}; expected (N >= 1, {in_dim})")
-    return float_bags
+class _FloatBags(Sequence[Tensor]):
+    """float32 CPU bags, each converted and checked when a step takes it: the bags may be read
+    from disk on demand (``mil.folds.LazyBags``), so the cohort is never in memory at once."""
+
+    def __init__(self, bags: Sequence[Tensor], *, in_dim: int | None = None):
+        if len(bags) == 0:
+            raise CohortError("train_mil needs at least one bag")
+        self._bags = bags
+        self.in_dim = int(torch.as_tensor(bags[0]).shape[-1]) if in_dim is None else in_dim
+        self[0]  # noqa: B018 (checks the first bag now, before any training)
+
+    def __getitem__(self, index):  # noqa: ANN001 (int)
+        bag = torch.as_tensor(self._bags[index], dtype=torch.float32, device="cpu")
+        if bag.ndim != 2 or bag.shape[0] == 0 or bag.shape[1] != self.in_dim:
+            raise CohortError(f"bag {index} has shape {tuple(bag.shape)}; expected (N >= 1, {self.in_dim})")
+        return bag
+
+    def __len__(self) -> int:
+        return len(self._bags)
+
+
+def _as_float_bags(bags: Sequence[Tensor], *, in_dim: int | None = None) -> _FloatBags:
+    return _FloatBags(bags, in_dim=in_dim)
 
 
 def _check_labels(labels: Sequence[int], *, n_bags: int, n_classes: int) -> Tensor:
