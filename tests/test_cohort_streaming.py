@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,34 +12,24 @@ import pytest
 from wsiattack import stores
 from wsiattack.errors import CohortError
 from wsiattack.evaluation import evaluate_attack
-from wsiattack.mil import build_mil_model, load_mil_checkpoint
+from wsiattack.mil import load_mil_checkpoint
 from wsiattack.mil.folds import FeatureBags, train_fold, usable
-from wsiattack.mil.training import MILTrainingSpec, save_mil_checkpoint, train_mil
+from wsiattack.mil.training import MILTrainingSpec, train_mil
 
 CLASSES = ["normal", "tumor"]
 
 
-def write_cohort(root, *, n_slides=12, n_tiles=30, dim=8, folds=3):
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n_slides):
-        slide_id = f"s{i:02d}"
-        with stores.atomic_store(root / "features" / f"{slide_id}.zarr", kind=stores.FEATURES, attrs={}) as group:
-            stores.write_array(group, "features", rng.standard_normal((n_tiles, dim), dtype=np.float32))
-        attrs = {"attack": {"selection": "random", "objective": "cosine"}, "encoder": "e"}
-        with stores.atomic_store(
-            root / "reembedded" / f"{slide_id}.zarr", kind=stores.REEMBEDDED, attrs=attrs
-        ) as group:
-            stores.write_array(group, "index", np.arange(2, dtype=np.int64))
-            stores.write_array(group, "features", rng.standard_normal((2, dim), dtype=np.float32))
-        rows.append({"slide_id": slide_id, "patient_id": slide_id, "label": CLASSES[i % 2], "fold": i % folds})
-    pd.DataFrame(rows).to_csv(root / "splits.csv", index=False)
-    models = []
-    for fold in range(folds):
-        path = root / f"fold{fold}.pt"
-        save_mil_checkpoint(path, model=build_mil_model("abmil", in_dim=dim, n_classes=2), meta={"fold": fold})
-        models.append(path)
-    return models
+def _bench():
+    """The cohort writer of tests/benchmarks/bench_cohort_memory.py (one definition, and the bench cannot rot)."""
+    path = Path(__file__).parent / "benchmarks" / "bench_cohort_memory.py"
+    module_spec = importlib.util.spec_from_file_location("bench_cohort_memory", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def write_cohort(root, *, n_slides=12):
+    return _bench().write_cohort(root, n_slides=n_slides, n_tiles=30, dim=8, folds=3, k=2)["models"]
 
 
 @pytest.fixture
@@ -102,7 +94,7 @@ def test_usable_reads_shapes_only(tmp_path, live_bags):
     write_cohort(tmp_path, n_slides=4)
     bags = FeatureBags(stores.slide_stores([tmp_path / "features"]))
     assert len(usable(pd.read_csv(tmp_path / "splits.csv"), bags)) == 4
-    assert live_bags[0] == 0 and bags.n_tiles("s00") == 30
+    assert live_bags[0] == 0 and bags.n_tiles("s00000") == 30
 
 
 def test_a_bad_later_bag_is_still_one_clear_error():

@@ -34,7 +34,11 @@ FOLDS = 5
 STAGES = ("evaluate", "train_mil", "evaluate-eager", "train_mil-eager")
 
 
-def write_cohort(root: Path, *, n_slides: int, n_tiles: int, dim: int) -> dict[str, object]:
+def write_cohort(
+    root: Path, *, n_slides: int, n_tiles: int, dim: int, folds: int = FOLDS, k: int = 4
+) -> dict[str, object]:
+    """``n_slides`` features stores, their re-embedded stores (``k`` rows), splits, one head per fold
+    (also tests/test_cohort_streaming.py's cohort)."""
     rng = np.random.default_rng(0)
     rows = []
     for i in range(n_slides):
@@ -45,12 +49,12 @@ def write_cohort(root: Path, *, n_slides: int, n_tiles: int, dim: int) -> dict[s
         with stores.atomic_store(
             root / "reembedded" / f"{slide_id}.zarr", kind=stores.REEMBEDDED, attrs=attrs
         ) as group:
-            stores.write_array(group, "index", np.arange(4, dtype=np.int64))
-            stores.write_array(group, "features", rng.standard_normal((4, dim), dtype=np.float32))
-        rows.append({"slide_id": slide_id, "patient_id": slide_id, "label": CLASSES[i % 2], "fold": i % FOLDS})
+            stores.write_array(group, "index", np.arange(k, dtype=np.int64))
+            stores.write_array(group, "features", rng.standard_normal((k, dim), dtype=np.float32))
+        rows.append({"slide_id": slide_id, "patient_id": slide_id, "label": CLASSES[i % 2], "fold": i % folds})
     pd.DataFrame(rows).to_csv(root / "splits.csv", index=False)
     models = []
-    for fold in range(FOLDS):
+    for fold in range(folds):
         path = root / "models" / f"fold{fold}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         model = build_mil_model("abmil", in_dim=dim, n_classes=len(CLASSES))
