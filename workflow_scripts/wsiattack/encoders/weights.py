@@ -185,7 +185,7 @@ def _download(spec: EncoderSpec, filename: str, *, token: str | None) -> Path | 
         ) from error
 
 
-def cached_state_dict_sha256(module: nn.Module, *, path: Path, spec: EncoderSpec, cache_dir: Path | None = None) -> str:
+def cached_state_dict_sha256(module: nn.Module, *, path: Path, spec: EncoderSpec) -> str:
     """``state_dict_sha256`` of weights loaded from ``path``, remembered per (file, size, mtime).
 
     Hashing a 1-5 GB checkpoint costs every job seconds of CPU; the digest is a function of the
@@ -198,7 +198,7 @@ def cached_state_dict_sha256(module: nn.Module, *, path: Path, spec: EncoderSpec
     identity = json.dumps(
         [spec.name, spec.architecture, spec.loader, str(path.resolve()), stat.st_size, stat.st_mtime_ns]
     )
-    entry = (cache_dir or _cache_dir()) / "weights-sha256" / hashlib.sha256(identity.encode()).hexdigest()
+    entry = _cache_dir() / "weights-sha256" / hashlib.sha256(identity.encode()).hexdigest()
     try:
         cached = entry.read_text().strip()
         if len(cached) == 64:

@@ -98,9 +98,9 @@ def train_mil(
     each step and learns along with the head; without it, or with one that changes no bag, the
     result is the clean training's.
     """
-    bags = _as_float_bags(bags)
+    bags = _FloatBags(bags)
     targets = _check_labels(labels, n_bags=len(bags), n_classes=n_classes)
-    validation = _as_float_bags(val_bags, in_dim=bags.in_dim) if len(val_bags) else []
+    validation = _FloatBags(val_bags, in_dim=bags.in_dim) if len(val_bags) else []
     val_targets = _check_labels(val_labels, n_bags=len(validation), n_classes=n_classes)
     class_weights = _class_balanced_weights(targets, n_classes=n_classes)
     # Init and dropout draw from the global RNG: fork it so that training is seeded by the spec
@@ -198,21 +198,20 @@ class _FloatBags(Sequence[Tensor]):
         if len(bags) == 0:
             raise CohortError("train_mil needs at least one bag")
         self._bags = bags
-        self.in_dim = int(torch.as_tensor(bags[0]).shape[-1]) if in_dim is None else in_dim
-        self[0]  # noqa: B018 (checks the first bag now, before any training)
+        first = torch.as_tensor(bags[0], dtype=torch.float32, device="cpu")  # read once, checked before training
+        self.in_dim = int(first.shape[-1]) if in_dim is None else in_dim
+        self._checked(0, first)
 
     def __getitem__(self, index):  # noqa: ANN001 (int)
-        bag = torch.as_tensor(self._bags[index], dtype=torch.float32, device="cpu")
+        return self._checked(index, torch.as_tensor(self._bags[index], dtype=torch.float32, device="cpu"))
+
+    def _checked(self, index: int, bag: Tensor) -> Tensor:
         if bag.ndim != 2 or bag.shape[0] == 0 or bag.shape[1] != self.in_dim:
             raise CohortError(f"bag {index} has shape {tuple(bag.shape)}; expected (N >= 1, {self.in_dim})")
         return bag
 
     def __len__(self) -> int:
         return len(self._bags)
-
-
-def _as_float_bags(bags: Sequence[Tensor], *, in_dim: int | None = None) -> _FloatBags:
-    return _FloatBags(bags, in_dim=in_dim)
 
 
 def _check_labels(labels: Sequence[int], *, n_bags: int, n_classes: int) -> Tensor:
