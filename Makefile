@@ -81,7 +81,7 @@ test-fast: $(STAMP)
 
 # Size profiles/slurm's per-rule memory and runtime from the benchmark files of a finished run.
 cluster-resources: $(STAMP)
-	$(BIN)/python -m wsiattack.cluster results/benchmarks profiles/slurm/config.yaml
+	$(BIN)/python -m wsiattack.cluster results/benchmarks profiles/slurm/config.yaml --configfile config.yaml
 
 clean:
 	rm -rf results/* .snakemake

@@ -32,7 +32,7 @@ rule attack:
     threads: 1  # k tiles per slide: let two jobs share a 2-core machine
     resources:
         gpu=1,
-        mem_mb=4000,
+        mem_mb=gpu_job_mem_mb,
     params:
         spec=lambda wildcards: spec(
             {
@@ -64,7 +64,7 @@ rule perturb_surrogate:
     threads: 1
     resources:
         gpu=1,
-        mem_mb=4000,
+        mem_mb=gpu_job_mem_mb,
     params:
         spec=lambda wildcards: spec(
             {
@@ -118,7 +118,7 @@ rule learn_universal:
     threads: 1
     resources:
         gpu=1,
-        mem_mb=4000,
+        mem_mb=gpu_job_mem_mb,
     params:
         spec=lambda wildcards: spec(
             {
@@ -171,7 +171,7 @@ rule reembed:
     threads: 1
     resources:
         gpu=1,
-        mem_mb=4000,
+        mem_mb=gpu_job_mem_mb,
     params:
         spec=lambda wildcards: spec(
             {

@@ -26,7 +26,7 @@ rule backdoor:
     threads: 1
     resources:
         gpu=1,
-        mem_mb=4000,
+        mem_mb=gpu_job_mem_mb,
     params:
         spec=lambda wildcards: spec(
             {

@@ -13,10 +13,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow_scripts"))
 
 from wsiattack import config as wsiconfig
+from wsiattack.cluster import GPU_JOB_BASE_MB, encoder_host_mb
 from wsiattack.attacks.params import is_derived, learning_spec, uses_mil_head
 from wsiattack.defences.params import ATTACKER_KEYS as DEFENCE_ATTACKER_KEYS
 from wsiattack.defences.params import MODES as DEFENCE_MODES
 from wsiattack.defences.params import defence_pairs, is_tile_defence
+from wsiattack.encoders.custom import resolve_spec
 from wsiattack.names import NAME_PATTERN
 from wsiattack.samples import read_samples
 from wsiattack.shards import SHARD_PATTERN, partition
@@ -111,6 +113,13 @@ def log_path(rule, *wildcard_names):
 def benchmark_path(rule, *wildcard_names):
     parts = "_".join(f"{{{w}}}" for w in wildcard_names) or rule
     return f"results/benchmarks/{rule}/{parts}.tsv"
+
+
+def gpu_job_mem_mb(wildcards, attempt):
+    """A GPU job's memory: a fixed base plus its encoder's weights on the host, grown on retries
+    (profiles/slurm replaces the base with a measured one: wsiattack.cluster)."""
+    encoder = resolve_spec(wildcards.encoder, custom=CONFIG["custom_encoders"].get(wildcards.encoder))
+    return (GPU_JOB_BASE_MB + encoder_host_mb(encoder)) * attempt
 
 
 # Input functions of the stage rules (Snakemake lint: functions live here, rules in their files).

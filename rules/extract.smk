@@ -20,7 +20,7 @@ rule extract:
     threads: 1  # torch, plus one background thread decoding the slide's tiles
     resources:
         gpu=1,
-        mem_mb=4000,
+        mem_mb=gpu_job_mem_mb,
     params:
         spec=lambda wildcards: spec(
             {

@@ -3,12 +3,15 @@ clean-up of what killed jobs leave behind."""
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 from helpers import ROOT
 from wsiattack import cluster, stores
+from wsiattack.encoders import registry
+from wsiattack.encoders.custom import custom_spec
 from wsiattack.errors import StoreError
 
 PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
@@ -85,9 +88,32 @@ def test_profile_block_is_replaced_and_the_rest_kept(tmp_path):
     ) == PROFILE.read_text().replace(
         re.search(r"# BEGIN.*# END cluster-resources", PROFILE.read_text(), re.S).group(0), ""
     )
-    assert yaml.safe_load(text)["set-resources"] == {
-        "attack": {"mem_mb": "1500 * attempt", "runtime": "10 * attempt", "slurm_partition": "a100"}
-    }
+    attack = yaml.safe_load(text)["set-resources"]["attack"]
+    assert attack == {"mem_mb": attack["mem_mb"], "runtime": "10 * attempt", "slurm_partition": "a100"}
+    assert job_mem_mb(attack["mem_mb"], encoder="uni", attempt=1) == 1500 + 2500
+
+
+def job_mem_mb(expression: str, *, encoder: str, attempt: int) -> int:
+    """What Snakemake makes of a profile's resource expression for one job."""
+    return eval(expression, {"wildcards": SimpleNamespace(encoder=encoder), "attempt": attempt})
+
+
+def test_gpu_jobs_are_sized_by_their_encoder():
+    uni, vit_g = registry.get_spec("uni"), registry.get_spec("h_optimus_0")
+    # float32 weights, twice (loaded and adopted), in 500 MB steps: 0.3 G values -> 2.3 GB -> 2500
+    assert cluster.encoder_host_mb(uni) == 2500 and cluster.encoder_host_mb(vit_g) == 9000
+    assert cluster.encoder_host_mb(registry.get_spec("demo_trained")) == cluster.MEM_STEP_MB
+    unsized = custom_spec("mine", {"factory": "a:b", "input_px": 224, "embed_dim": 8, "readout": "output"})
+    assert cluster.encoder_host_mb(unsized) == max(cluster.encoder_sizes_mb().values()) == 9000
+    sized = custom_spec(
+        "mine", {"factory": "a:b", "input_px": 224, "embed_dim": 8, "readout": "output", "n_params": 90_000_000}
+    )
+    sizes = cluster.encoder_sizes_mb([sized])
+    assert sizes["mine"] == 1000 and set(sizes) == {*registry.ENCODERS, "mine"}
+    expression = cluster.gpu_mem_expression(3000, sizes)
+    assert job_mem_mb(expression, encoder="uni", attempt=2) == 2 * (3000 + 2500)
+    assert job_mem_mb(expression, encoder="mine", attempt=1) == 4000
+    assert job_mem_mb(expression, encoder="added_later", attempt=1) == 3000 + 9000  # the largest
 
 
 def test_slurm_profile_sizes_every_rule_and_sends_gpu_rules_to_the_gpu_partition():
@@ -107,10 +133,11 @@ def test_slurm_profile_sizes_every_rule_and_sends_gpu_rules_to_the_gpu_partition
     for rule, resources in sized.items():
         assert "attempt" in str(resources["mem_mb"]) and "attempt" in str(resources["runtime"])  # retries grow them
         assert (resources.get("slurm_partition") == "gpu") == (rule in cluster.gpu_rules(ROOT / "rules"))
-    # retries grow memory with the attempt number, as Snakemake evaluates the expression
-    assert eval(str(sized["extract"]["mem_mb"]), {"attempt": 2}) == 2 * eval(
-        str(sized["extract"]["mem_mb"]), {"attempt": 1}
-    )
+    # retries grow memory with the attempt number, as Snakemake evaluates the expression; GPU
+    # jobs also with their encoder
+    extract = str(sized["extract"]["mem_mb"])
+    assert job_mem_mb(extract, encoder="uni", attempt=2) == 2 * job_mem_mb(extract, encoder="uni", attempt=1)
+    assert job_mem_mb(extract, encoder="h_optimus_0", attempt=1) - job_mem_mb(extract, encoder="uni", attempt=1) == 6500
 
 
 def test_a_killed_writers_debris_is_removed_by_the_next_write(tmp_path):

@@ -79,6 +79,16 @@ def test_vit_entries_have_the_published_architecture(name):
     assert encoder(torch.empty(2, 3, 256, 256, device="meta")).shape == (2, spec.embed_dim)
 
 
+@pytest.mark.parametrize("name", sorted(registry.ENCODERS))
+def test_each_entrys_parameter_count_is_what_its_architecture_holds(name):
+    """``n_params`` sizes the GPU jobs' memory (wsiattack.cluster): the state dict's values."""
+    spec = registry.get_spec(name)
+    if preflight.missing_requirement(spec):
+        pytest.skip(f"{name}: its loader's package is not installed here")
+    model = build_architecture(spec, device="meta")
+    assert spec.n_params == sum(tensor.numel() for tensor in model.state_dict().values())
+
+
 def test_virchow2_reads_cls_and_mean_of_patch_tokens():
     spec = registry.get_spec("virchow2")
     assert spec.readout == "cls+mean" and spec.embed_dim == 2 * 1280 and spec.precision == "float16"
@@ -192,6 +202,7 @@ def test_custom_spec_from_a_mapping():
     assert (spec.readout, spec.precision, dict(spec.build_kwargs)) == ("cls+mean", "bfloat16", {"depth": 2})
     minimal = custom.custom_spec("m2", {"factory": "a:b", "input_px": 256, "embed_dim": 3, "readout": "output"})
     assert minimal.mean == registry.IMAGENET_MEAN and minimal.precision == "float32"
+    assert minimal.n_params is None and custom.custom_spec("m3", {**CUSTOM, "n_params": 86_000_000}).n_params == 86e6
 
 
 @pytest.mark.parametrize(
@@ -209,6 +220,7 @@ def test_custom_spec_from_a_mapping():
         ({"mean": [0.5, 0.5]}, r"mean: \[0.5, 0.5\] is not three numbers"),
         ({"precision": "float64"}, r"precision: 'float64' is not one of float32"),
         ({"kwargs": {"f": object()}}, r"kwargs: values must be plain"),
+        ({"n_params": 0}, r"n_params: 0 is not a positive integer"),
     ],
 )
 def test_custom_spec_rejects_bad_entries(change, message):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import yaml
 from helpers import ROOT, snakemake_command
 from wsiattack import stores
-from wsiattack.attacks.oracle import MILHead, load_fold_head
+from wsiattack.attacks.oracle import MILHead, load_fold_head, stable_cross_entropy
 from wsiattack.attacks.params import normalise_attack, threat_marking
 from wsiattack.attacks.perturb import perturb_slide
 from wsiattack.attacks.selection import attention_scores, top_k_selection
@@ -319,3 +319,23 @@ def test_oracle_batches_see_the_earlier_batches_adversarial_rows(tmp_path, slide
         assert rows.tolist() == [index[batch]]
         torch.testing.assert_close(bag[index[:batch]], adversarial[:batch])  # earlier batches: attacked
         torch.testing.assert_close(bag[index[batch:]], torch.as_tensor(features[index[batch:]]))  # the rest: clean
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_oracle_loss_is_cross_entropy_with_a_gradient_that_survives_a_confident_head(n_classes):
+    torch.manual_seed(0)
+    logits = torch.randn(n_classes, dtype=torch.float64) * 3
+    for target in range(n_classes):
+        expected = F.cross_entropy(logits[None], torch.tensor([target]))
+        assert stable_cross_entropy(logits, target=target).item() == pytest.approx(expected.item(), rel=1e-6)
+    # a head sure of the true class: logit gap 120, past float32 softmax's underflow (~88-103)
+    confident = torch.full((n_classes,), -60.0)
+    confident[0] = 60.0
+    naive = confident.clone().requires_grad_(True)
+    F.cross_entropy(naive[None], torch.tensor([0])).backward()
+    assert naive.grad.abs().max() == 0  # what the oracle used to hand the attack: no gradient at all
+    stable = confident.clone().requires_grad_(True)
+    value = stable_cross_entropy(stable, target=0)
+    value.backward()
+    assert value.dtype == torch.float32 and 0 <= value.item() < 1e-40
+    assert stable.grad[0] == pytest.approx(-1.0) and stable.grad[1:].sum() == pytest.approx(1.0)

@@ -5,9 +5,11 @@ installs slurm-wlm and munge with apt-get when it runs as root).
 """
 
 import subprocess
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+import yaml
 from helpers import ROOT, run_snakemake, snakemake_command
 from live_slurm import LiveSlurm, unavailable_reason
 from small_tiny import write_small_tiny_config
@@ -16,6 +18,7 @@ from wsiattack.shards import partition, shard_of
 
 pytestmark = pytest.mark.slow
 LOCAL_RULES = cluster.local_rules(ROOT / "Snakefile")
+PROFILE = ROOT / "profiles" / "slurm" / "config.yaml"
 # Kills a hung run. The bar is 5 minutes for the whole test; the margin is for slower machines.
 HARD_TIMEOUT_S = 600
 # What the cluster mapping needs of the tiny config: the node runs two GPU jobs at a time, each
@@ -73,6 +76,11 @@ def test_every_job_ran_on_slurm_and_gpu_rules_asked_for_a_gpu(slurm_run):
     # the profile's sizes reached SLURM: tile asks for its sized memory on attempt 1
     tile_job = next(job for job in cpu_jobs if rule_of(job) == "tile")
     assert "mem=1000M" in tile_job["TRES"]
+    # and a GPU job its rule's base plus its encoder's weights, evaluated by Snakemake per job
+    extract = yaml.safe_load(PROFILE.read_text())["set-resources"]["extract"]["mem_mb"]
+    expected = eval(extract, {"wildcards": SimpleNamespace(encoder="demo_trained"), "attempt": 1})
+    extract_job = next(job for job in gpu_jobs if rule_of(job) == "extract")
+    assert f"mem={expected}M" in extract_job["TRES"]
 
 
 def test_outputs_are_complete_and_consistent(slurm_run):

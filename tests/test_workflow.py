@@ -17,7 +17,8 @@ import pytest
 import yaml
 from helpers import ROOT, ok, run_snakemake
 from small_tiny import TINY_CONFIG as TINY
-from wsiattack import stores
+from wsiattack import cluster, stores
+from wsiattack.encoders import registry
 from wsiattack.shards import partition, shard_of
 from wsiattack.tilereader import TileReader
 
@@ -458,6 +459,28 @@ def test_unreadable_slide_fails_its_job_and_leaves_no_store(user_cohort):
     # the shard's tile job fails as a whole: no directory, no half-written store of its other slides
     assert not (user_cohort / "results" / "tiles" / shard).exists()
     assert not list((user_cohort / "results").rglob(".*tmp*"))
+
+
+def test_gpu_jobs_ask_for_memory_by_their_encoders_size(user_cohort):
+    """Without a profile, a GPU rule's mem_mb is the base plus its encoder's weights (wsiattack.cluster)."""
+    (user_cohort / "uni.safetensors").touch()  # preflight only needs the file to exist; nothing runs
+    config = current_config(user_cohort) | {
+        "encoders": ["demo_trained", "uni"],
+        "encoder_weights": {"uni": "uni.safetensors"},
+    }
+    path = user_cohort / "two_encoders.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = ok(snakemake(user_cohort, "--dry-run", config=path)).stdout
+    asked = {
+        (re.search(r"encoder=(\w+)", job).group(1), int(re.search(r"mem_mb=(\d+)", job).group(1)))
+        for job in out.split("\nrule ")
+        if job.startswith("extract:")
+    }
+    assert asked == {
+        (name, cluster.GPU_JOB_BASE_MB + cluster.encoder_host_mb(registry.get_spec(name)))
+        for name in ("demo_trained", "uni")
+    }
+    assert dict(asked)["uni"] == 4500
 
 
 def planned_jobs(workdir: Path, config: dict) -> dict[str, int]:

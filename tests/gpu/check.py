@@ -114,6 +114,8 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def check_encoder(name: str, *, settings: dict, device: torch.device, workdir: Path) -> list[str]:
     """Run the path for one encoder; return the failed checks."""
     failures: list[str] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     encoder = random_weights_encoder(name)
     n_params = sum(p.numel() for p in encoder.parameters())
     print(
@@ -171,6 +173,8 @@ def check_encoder(name: str, *, settings: dict, device: torch.device, workdir: P
         print(
             f"[{name}] {attack:>8}: {k} tiles in {attack_s:.1f} s = {k / attack_s:.2f} tiles/s ({evaluations} gradient evaluations each); 1 − cos {shifts[attack]:.3g}"
         )
+    if device.type == "cuda":  # what a GPU needs for this encoder (SLURM requests host memory only)
+        print(f"[{name}] peak GPU memory allocated: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB")
     if not shifts["null"] < shifts["noise"]:
         failures.append(
             f"{name}: the null control moved features ({shifts['null']:.3g}) no less than the noise control ({shifts['noise']:.3g}): precision or batch composition alone shifts them"

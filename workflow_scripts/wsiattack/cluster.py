@@ -7,18 +7,26 @@ job it saw, and rewrites the `set-resources` block of the SLURM profile between 
 markers; the Snakefile's `localrules` never reach the cluster and are left out. Sizes are Python
 expressions of `attempt`, so a job that SLURM kills for memory or time is retried (the profile's
 `retries`) with twice, then three times, as much.
+
+GPU jobs load an encoder, and encoders differ 1 000-fold in size (ViT-Tiny 1 M values, ViT-g
+1.1 G): their memory is the rule's measured base plus the job's encoder's weights on the host
+(``encoder_host_mb``, from the parameter count of its spec), a lookup on ``wildcards.encoder``
+in the expression. The rules' own ``mem_mb`` (used without a profile) is the same sum with a
+fixed base. Torch-free: it runs where Snakemake builds the DAG.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from wsiattack.atomic import atomic_file
+from wsiattack.encoders.registry import ENCODERS, EncoderSpec
 from wsiattack.errors import ConfigError, StoreError, run_cli
 
 BEGIN = "# BEGIN cluster-resources"
@@ -28,6 +36,13 @@ MEM_STEP_MB = 500
 MEM_FLOOR_MB = 1000
 RUNTIME_HEADROOM = 3.0  # queue nodes are often slower and busier than the node that measured
 RUNTIME_FLOOR_MIN = 10  # below this, schedulers' granularity and job start-up dominate
+# A GPU job's host memory besides its encoder's weights (the rules' default without a profile):
+# torch, timm and the CUDA context (~1 GB host), one shard's stores and a slide's tiles.
+GPU_JOB_BASE_MB = 2000
+# Weights are float32 on the host before they move to the device; while loading, the checkpoint's
+# own tensors (mmap'd pages, or a half-precision file being cast) sit beside them: two copies.
+HOST_WEIGHT_COPIES = 2
+BYTES_PER_VALUE = 4
 
 
 @dataclass(frozen=True)
@@ -46,6 +61,19 @@ class RuleResources:
     mem_mb: int  # for attempt 1
     runtime_min: int  # for attempt 1
     gpu: bool
+
+
+def encoder_host_mb(spec: EncoderSpec) -> int:
+    """Host memory an encoder's weights take while a job loads them, in MEM_STEP_MB steps; an
+    encoder of unknown size (a custom one without ``n_params``) is sized as the largest known."""
+    n_params = spec.n_params if spec.n_params is not None else max(s.n_params or 0 for s in ENCODERS.values())
+    mb = n_params * BYTES_PER_VALUE * HOST_WEIGHT_COPIES / 2**20
+    return math.ceil(mb / MEM_STEP_MB) * MEM_STEP_MB
+
+
+def encoder_sizes_mb(custom: list[EncoderSpec] = ()) -> dict[str, int]:
+    """``encoder_host_mb`` of every registry encoder and of the custom ones given, by name."""
+    return {spec.name: encoder_host_mb(spec) for spec in sorted([*ENCODERS.values(), *custom], key=lambda s: s.name)}
 
 
 def read_benchmarks(benchmarks_dir: Path) -> list[RuleUsage]:
@@ -101,11 +129,23 @@ def size_rule(usage: RuleUsage, *, gpu: bool) -> RuleResources:
     return RuleResources(rule=usage.rule, mem_mb=mem_mb, runtime_min=runtime_min, gpu=gpu)
 
 
-def render_set_resources(sized: list[RuleResources], *, gpu_partition: str, indent: str = "  ") -> str:
+def gpu_mem_expression(base_mb: int, sizes_mb: dict[str, int]) -> str:
+    """``(base + the job's encoder's weights) * attempt`` as Snakemake evaluates it per job; an
+    encoder missing from ``sizes_mb`` (added to the config later) gets the largest size."""
+    lookup = json.dumps(sizes_mb, separators=(",", ":"))  # double quotes: the YAML scalar is single-quoted
+    return f"({base_mb} + {lookup}.get(wildcards.encoder, {max(sizes_mb.values())})) * attempt"
+
+
+def render_set_resources(
+    sized: list[RuleResources], *, gpu_partition: str, encoder_mb: dict[str, int], indent: str = "  "
+) -> str:
     lines = []
     for res in sized:
         lines.append(f"{indent}{res.rule}:")
-        lines.append(f"{indent}  mem_mb: {res.mem_mb} * attempt")
+        if res.gpu:  # quoted: the dict's ": " would otherwise end the YAML scalar
+            lines.append(f"{indent}  mem_mb: '{gpu_mem_expression(res.mem_mb, encoder_mb)}'")
+        else:
+            lines.append(f"{indent}  mem_mb: {res.mem_mb} * attempt")
         lines.append(f"{indent}  runtime: {res.runtime_min} * attempt")
         if res.gpu:
             lines.append(f"{indent}  slurm_partition: {gpu_partition}")
@@ -130,14 +170,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rules-dir", type=Path, default=Path(__file__).resolve().parents[2] / "rules")
     parser.add_argument("--snakefile", type=Path, default=Path(__file__).resolve().parents[2] / "Snakefile")
     parser.add_argument("--gpu-partition", default="gpu")
+    parser.add_argument("--configfile", type=Path, help="workflow config whose custom_encoders are sized too")
     args = parser.parse_args(argv)
     gpu, local = gpu_rules(args.rules_dir), local_rules(args.snakefile)
     sized = [size_rule(u, gpu=u.rule in gpu) for u in read_benchmarks(args.benchmarks) if u.rule not in local]
-    text = replace_block(args.profile.read_text(), render_set_resources(sized, gpu_partition=args.gpu_partition))
+    encoder_mb = encoder_sizes_mb(_custom_encoders(args.configfile) if args.configfile else [])
+    block = render_set_resources(sized, gpu_partition=args.gpu_partition, encoder_mb=encoder_mb)
+    text = replace_block(args.profile.read_text(), block)
     with atomic_file(args.profile) as tmp:
         Path(tmp).write_text(text)
     for res in sized:
-        print(f"{res.rule:14s} mem_mb={res.mem_mb:6d}  runtime={res.runtime_min:4d} min  {'GPU' if res.gpu else ''}")
+        extra = "GPU, + the encoder's weights" if res.gpu else ""
+        print(f"{res.rule:14s} mem_mb={res.mem_mb:6d}  runtime={res.runtime_min:4d} min  {extra}")
+
+
+def _custom_encoders(configfile: Path) -> list[EncoderSpec]:
+    import yaml
+
+    from wsiattack.encoders.custom import custom_spec
+
+    config = yaml.safe_load(configfile.read_text()) or {}
+    return [custom_spec(name, mapping) for name, mapping in (config.get("custom_encoders") or {}).items()]
 
 
 if __name__ == "__main__":

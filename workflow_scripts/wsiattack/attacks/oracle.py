@@ -23,6 +23,7 @@ from torch import nn
 from wsiattack.attacks.objectives import ObjectiveFn
 from wsiattack.errors import AttackError, StoreError
 from wsiattack.mil.training import load_mil_checkpoint
+from wsiattack.runtime import exact_dtype
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,11 @@ class MILHead:
         keeps the batch's tiles together; the batch sum's gradient is k times the slide's, a scale
         that every method normalises away (sign, unit norm, C&W's first-order gain).
         """
-        target = torch.tensor([self.target], device=bag.device)
 
         def slide_cross_entropy(embedding: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
             attacked = bag.index_put((rows,), embedding.to(bag.dtype))  # out of place: bag stays clean
             logits, _ = self.module(attacked)
-            return F.cross_entropy(logits[None].float(), target).expand(len(embedding))
+            return stable_cross_entropy(logits, target=self.target).expand(len(embedding))
 
         return slide_cross_entropy
 
@@ -54,6 +54,25 @@ class MILHead:
             raise StoreError(
                 f"{where}: clean features have {bag_dim} dimensions but the MIL head expects {self.module.in_dim}; re-run extraction and training"
             )
+
+
+def stable_cross_entropy(logits: torch.Tensor, *, target: int) -> torch.Tensor:
+    """Cross-entropy of one slide's ``logits`` (C,) whose gradient does not vanish when the head is sure.
+
+    CE = softplus(m) with the log-softmax margin m = logsumexp of the other classes' logits minus
+    the true one (log p(other) − log p(true)). CE's gradient is sigmoid(m) · ∇m: in float32 it
+    underflows to exactly 0 once the logit gap passes ~88–103, and the attack would stop with a
+    zero-gradient error on every slide the head is confident about. The value returned is CE
+    (computed in the device's exact dtype, stored in the attack store as before); its gradient is
+    ∇m, the same ascent direction without the vanishing factor. Every method normalises the
+    gradient's scale (sign, unit norm, C&W's first-order gain), and the best iterate is ranked by
+    the value, which is monotone in m, so only the underflow changes.
+    """
+    exact = logits.to(exact_dtype(logits.device))
+    others = torch.cat([exact[:target], exact[target + 1 :]])
+    margin = torch.logsumexp(others, dim=0) - exact[target]
+    # value softplus(m) exactly (m − m.detach() is 0), gradient ∇m
+    return (F.softplus(margin.detach()) + (margin - margin.detach())).float()
 
 
 def load_fold_head(*, slide_id: str, splits_csv: str | Path, model_paths: Sequence[str | Path]) -> MILHead:

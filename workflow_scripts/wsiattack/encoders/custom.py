@@ -31,7 +31,7 @@ def resolve_spec(name: str, *, custom: EncoderSpec | Mapping[str, Any] | None = 
     return spec
 
 
-CUSTOM_KEYS = ("factory", "input_px", "mean", "std", "embed_dim", "readout", "precision", "kwargs")
+CUSTOM_KEYS = ("factory", "input_px", "mean", "std", "embed_dim", "readout", "precision", "kwargs", "n_params")
 CUSTOM_REQUIRED = ("factory", "input_px", "embed_dim", "readout")
 _FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
 
@@ -40,6 +40,8 @@ def custom_spec(name: str, mapping: Mapping[str, Any]) -> EncoderSpec:
     """Validate a custom encoder entry (``{"factory": "pkg.mod:build", ...}``) into a spec.
 
     ``kwargs`` go to the factory; mean/std default to ImageNet's; precision to float32.
+    ``n_params`` (optional) sizes the GPU jobs' memory; without it they get the largest registry
+    encoder's size.
     """
     where = f"custom encoder {name!r}"
     _check_custom_keys(where, name, mapping)
@@ -56,6 +58,7 @@ def custom_spec(name: str, mapping: Mapping[str, Any]) -> EncoderSpec:
         loader="factory",
         build_kwargs=_json_kwargs(where, mapping.get("kwargs", {})),
         source=f"factory {mapping['factory']}",
+        n_params=_positive_int(where, "n_params", mapping["n_params"]) if "n_params" in mapping else None,
     )
 
 

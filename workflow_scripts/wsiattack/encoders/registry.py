@@ -72,6 +72,9 @@ class EncoderSpec:
     ignore_checkpoint_prefixes: tuple[str, ...] = ()  # checkpoint keys of the dropped parts
     channels_last: bool = False  # CNN: channels-last memory format pays off on CUDA
     source: str = ""  # model card / maintainers' code the facts come from
+    # Values in the state dict (parameters and buffers), counted on the meta device (tests check
+    # them); sizes a GPU job's memory (cluster.encoder_host_mb). None: unknown (custom, unsized).
+    n_params: int | None = None
 
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "checkpoints"
@@ -85,6 +88,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # enough for the synthetic cohort; it is not a model of real tissue.
     "demo": EncoderSpec(
         name="demo",
+        n_params=5_524_416,
         architecture="vit_tiny_patch16_224",
         input_px=224,
         mean=IMAGENET_MEAN,
@@ -102,6 +106,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # cheaper per tile than ViT-Ti/16. Rebuilt by wsiattack.encoders.demo_training.
     "demo_trained": EncoderSpec(
         name="demo_trained",
+        n_params=917_120,
         architecture="vit_tiny_patch16_224",
         input_px=224,
         mean=IMAGENET_MEAN,
@@ -128,6 +133,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # bfloat16, not float16: UNI's activations are reported to overflow to NaN in float16.
     "uni": EncoderSpec(
         name="uni",
+        n_params=303_350_784,
         architecture="vit_large_patch16_224",
         input_px=224,
         mean=IMAGENET_MEAN,
@@ -154,6 +160,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # from UNIv2InferenceEncoder in github.com/mahmoodlab/TRIDENT trident/patch_encoder_models/load.py.
     "uni2_h": EncoderSpec(
         name="uni2_h",
+        n_params=681_394_176,
         architecture="vit_giant_patch14_224",
         input_px=224,
         mean=IMAGENET_MEAN,
@@ -188,6 +195,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # in github.com/mahmoodlab/TRIDENT trident/patch_encoder_models/load.py.
     "virchow2": EncoderSpec(
         name="virchow2",
+        n_params=631_239_424,
         architecture="vit_huge_patch14_224",
         input_px=224,
         mean=IMAGENET_MEAN,
@@ -219,6 +227,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # GigaPathInferenceEncoder in github.com/mahmoodlab/TRIDENT trident/patch_encoder_models/load.py.
     "prov_gigapath": EncoderSpec(
         name="prov_gigapath",
+        n_params=1_134_953_984,
         architecture="vit_giant_patch14_dinov2",
         input_px=224,
         mean=IMAGENET_MEAN,
@@ -251,6 +260,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # the licence column of github.com/mahmoodlab/TRIDENT README.md).
     "h_optimus_0": EncoderSpec(
         name="h_optimus_0",
+        n_params=1_134_774_272,
         architecture="vit_giant_patch14_reg4_dinov2",
         input_px=224,
         mean=BIOPTIMUS_MEAN,
@@ -276,6 +286,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # github.com/mahmoodlab/TRIDENT trident/patch_encoder_models/load.py (float16).
     "h_optimus_1": EncoderSpec(
         name="h_optimus_1",
+        n_params=1_134_774_272,
         architecture="vit_giant_patch14_reg4_dinov2",
         input_px=224,
         mean=BIOPTIMUS_MEAN,
@@ -302,6 +313,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # trident/patch_encoder_models/load.py.
     "phikon_v2": EncoderSpec(
         name="phikon_v2",
+        n_params=303_351_808,
         architecture="Dinov2Model",
         input_px=224,
         mean=IMAGENET_MEAN,
@@ -332,6 +344,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # https://huggingface.co/MahmoodLab/conchv1_5
     "conch_v1_5": EncoderSpec(
         name="conch_v1_5",
+        n_params=310_000_000,  # approximate: ViT-L/16 at 448 px plus its pooler (TRIDENT is not on PyPI: not counted here)
         architecture="trident CONCHVisionTower",
         input_px=448,
         mean=IMAGENET_MEAN,
@@ -353,6 +366,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     # trident/patch_encoder_models/load.py.
     "resnet50_trunc": EncoderSpec(
         name="resnet50_trunc",
+        n_params=8_573_931,
         architecture="resnet50",
         input_px=224,
         mean=IMAGENET_MEAN,
