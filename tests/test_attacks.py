@@ -1,14 +1,16 @@
 """Attack stage around the methods: budgets, selection, uint8 rounding, the attack store, sweeps."""
 
+import contextlib
 import hashlib
 import math
 import zlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
-from wsiattack import stores
+from wsiattack import runtime, stores
 from wsiattack.attacks.bounds import Ball, quantize_l2, quantize_linf
 from wsiattack.attacks.budget import slide_rng, tiles_to_attack
 from wsiattack.attacks.params import normalise_attack
@@ -475,3 +477,51 @@ def test_noise_at_eps_zero_is_the_null_control_the_unmodified_tiles(tmp_path, sl
     np.testing.assert_array_equal(index, pgd["index"][...])  # same seed: the attack's tiles
     np.testing.assert_array_equal(store["adv_tiles"][...], tiles[index])
     assert np.all(store["linf"][...] == 0) and np.all(store["l2"][...] == 0) and np.all(store["objective"][...] < 1e-6)
+
+
+class PrecisionSpy(TinyEncoder):
+    """Records, at every forward pass, the TF32 switches and the autocast dtypes asked for."""
+
+    spec = SimpleNamespace(precision="bfloat16")  # the encoder's safe dtype, as a registry spec states it
+
+    def __init__(self, autocasts):
+        super().__init__()
+        self.autocasts, self.seen = autocasts, []
+
+    def forward(self, x):
+        self.seen.append(
+            (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, tuple(self.autocasts))
+        )
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("precision", ["float32", "tf32", "encoder"])
+def test_every_forward_pass_of_an_attack_runs_in_its_precision(tmp_path, slide, monkeypatch, precision):
+    """Probe, reference, steps and the rounded tiles alike: an objective compares like with like."""
+    path, _, _ = slide
+    autocasts = []
+
+    @contextlib.contextmanager
+    def spy_autocast(device, dtype_name):  # runtime.autocast is a no-op off CUDA: record the request
+        autocasts.append(dtype_name)
+        try:
+            yield
+        finally:
+            autocasts.pop()
+
+    monkeypatch.setattr(runtime, "autocast", spy_autocast)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    encoder = PrecisionSpy(autocasts).eval()
+    spec = {**SPEC, "selection": "vulnerability", "precision": precision}
+    k, store = perturb(tmp_path, path, spec, encoder=encoder)
+    tf32 = precision == "tf32"
+    expected = (tf32, tf32, ("bfloat16",) if precision == "encoder" else ())
+    assert k > 0 and len(encoder.seen) >= 1 + 1 + SPEC["steps"] + 1  # probe (one batch), reference, steps, rounded
+    assert set(encoder.seen) == {expected}
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before  # restored
+    assert store.attrs["attack"]["precision"] == precision
+    entry = {key: value for key, value in SPEC.items() if key != "name"}
+    with pytest.raises(ConfigError, match=r"attacks.t.precision: 'fp8' is not one of"):
+        check_attack_entry({**entry, "precision": "fp8"}, where="attacks.t")
+    with pytest.raises(ConfigError, match=r"attacks.s.precision: a shuffled control .* without running an encoder"):
+        normalise_attack({"method": "shuffled", "source": "pgd", "eps": EPS, "precision": "tf32"}, where="attacks.s")

@@ -7,7 +7,9 @@ safe precision, with random weights (no download). Run it as-is on a fresh machi
 For each encoder (registry architecture, random init): writes a pixel tiles store of synthetic
 H&E tiles (``--tiles``), extracts them with ``extraction.extract_slide`` (tiles/s), then runs
 PGD-L∞, PGD-L2 and C&W on ``--attack-tiles`` of them plus the two controls (±eps noise, and the
-null control: the same tiles unmodified) with ``perturb_slide`` and ``reembed_slide``, and checks:
+null control: the same tiles unmodified) with ``perturb_slide`` and ``reembed_slide``, and PGD-L∞
+again with ``precision: tf32`` and ``precision: encoder`` (their objective, shift and time next to
+float32's are printed, not checked), and checks:
 every bound holds after uint8 rounding, every re-embedded feature is finite, the null control moves
 features less than the noise control, and each attack more than the noise control. Prints one
 line per step and ``CHECK PASSED`` / ``CHECK FAILED``; exits non-zero on a failed check. Without
@@ -54,6 +56,9 @@ def attack_entries(*, k: int, n_tiles: int, steps: int, cw_rounds: int) -> dict[
     budget = {"fraction": k / n_tiles, "min_tiles": k, "max_tiles": k}
     raw = {
         "pgd_linf": {"method": "pgd", "eps": EPS, "steps": steps},
+        # the fast-attack options: the same PGD with TF32 matmuls, and in the encoder's autocast dtype
+        "pgd_linf_tf32": {"method": "pgd", "eps": EPS, "steps": steps, "precision": "tf32"},
+        "pgd_linf_encoder": {"method": "pgd", "eps": EPS, "steps": steps, "precision": "encoder"},
         "pgd_l2": {"method": "pgd", "norm": "l2", "eps": EPS, "steps": steps},
         "cw": {"method": "cw", "eps": EPS, "steps": steps, "binary_search_steps": cw_rounds, "lr": 0.05},
         "noise": {"method": "noise", "eps": EPS},
@@ -141,7 +146,7 @@ def check_encoder(name: str, *, settings: dict, device: torch.device, workdir: P
     )
     if not np.isfinite(clean).all():
         failures.append(f"{name}: clean features not finite")
-    shifts = {}
+    shifts, objectives, seconds_of = {}, {}, {}
     for attack, spec in attack_entries(
         k=settings["attack_tiles"], n_tiles=settings["tiles"], steps=settings["steps"], cw_rounds=settings["cw_rounds"]
     ).items():
@@ -170,8 +175,13 @@ def check_encoder(name: str, *, settings: dict, device: torch.device, workdir: P
             failures.append(f"{name}/{attack}: re-embedded features not finite")
         shifts[attack] = float(cosine_distance(features, clean[index]).mean())
         evaluations = int(np.asarray(store["iterations"][...]).max()) if len(index) else 0
+        objectives[attack], seconds_of[attack] = float(np.asarray(store["objective"][...]).mean()), attack_s
         print(
-            f"[{name}] {attack:>8}: {k} tiles in {attack_s:.1f} s = {k / attack_s:.2f} tiles/s ({evaluations} gradient evaluations each); 1 − cos {shifts[attack]:.3g}"
+            f"[{name}] {attack:>16}: {k} tiles in {attack_s:.1f} s = {k / attack_s:.2f} tiles/s ({evaluations} gradient evaluations each); objective {objectives[attack]:.4g}; re-embedded 1 − cos {shifts[attack]:.3g}"
+        )
+    for fast in ("pgd_linf_tf32", "pgd_linf_encoder"):  # reported, not checked: what the fast options cost
+        print(
+            f"[{name}] {fast} vs pgd_linf: objective × {objectives[fast] / objectives['pgd_linf']:.3f}, re-embedded shift × {shifts[fast] / shifts['pgd_linf']:.3f}, time × {seconds_of[fast] / seconds_of['pgd_linf']:.2f}"
         )
     if device.type == "cuda":  # what a GPU needs for this encoder (SLURM requests host memory only)
         print(f"[{name}] peak GPU memory allocated: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB")

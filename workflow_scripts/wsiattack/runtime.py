@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -74,6 +75,33 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     dtype = getattr(torch, precision)
     enabled = device.type == "cuda" and dtype != torch.float32
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+@contextlib.contextmanager
+def attack_precision(device: torch.device, *, mode: str, encoder_precision: str) -> Iterator[None]:
+    """The forward passes of an attack (``attacks.params.ATTACK_PRECISIONS``); the perturbation,
+    its gradient and the objective stay float32 in every mode.
+
+    ``float32``: exact, no autocast and no TF32 (cuDNN's convolutions, TF32 by default, too).
+    ``tf32``: float32 tensors, TF32 matmuls and convolutions on CUDA (Ampere and later; ~10 bits
+    of mantissa in the products). ``encoder``: autocast to the encoder's safe dtype, as clean
+    extraction does, so an attacked embedding is computed as the stored clean features were.
+    Off CUDA all three are float32.
+    """
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = [flag.allow_tf32 for flag in flags]
+    for flag in flags:
+        flag.allow_tf32 = mode == "tf32"
+    try:
+        if mode == "encoder":
+            with autocast(device, encoder_precision):
+                yield
+        else:
+            with torch.autocast(device_type=device.type, enabled=False):
+                yield
+    finally:
+        for flag, value in zip(flags, saved, strict=True):
+            flag.allow_tf32 = value
 
 
 def exact_dtype(device: torch.device) -> torch.dtype:

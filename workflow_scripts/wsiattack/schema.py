@@ -14,7 +14,15 @@ from typing import Any
 import jsonschema
 import yaml
 
-from wsiattack.attacks.params import MASK_SOURCES, METHOD_DEFAULTS, NORMS, OBJECTIVES, SELECTIONS, normalise_attack
+from wsiattack.attacks.params import (
+    ATTACK_PRECISIONS,
+    MASK_SOURCES,
+    METHOD_DEFAULTS,
+    NORMS,
+    OBJECTIVES,
+    SELECTIONS,
+    normalise_attack,
+)
 from wsiattack.errors import ConfigError
 from wsiattack.names import NAME_PATTERN
 
@@ -31,6 +39,7 @@ def load_schema() -> dict[str, Any]:
         "objective": OBJECTIVES,
         "selection": SELECTIONS,
         "mask_source": MASK_SOURCES,
+        "precision": ATTACK_PRECISIONS,
     }
     for key, names in vocabulary.items():
         attack[key]["enum"] = list(names)

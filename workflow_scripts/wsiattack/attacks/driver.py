@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from wsiattack import runtime
 from wsiattack.attacks.bounds import Ball
 from wsiattack.attacks.objectives import ObjectiveFn
 from wsiattack.attacks.params import derived_step_size
@@ -30,15 +31,26 @@ class AttackOutcome:
 
 
 @contextlib.contextmanager
-def attack_mode(encoder: nn.Module, *, device: torch.device) -> Iterator[None]:
-    """Eval mode, gradients on, no autocast; the encoder's previous train/eval mode is restored."""
+def attack_mode(encoder: nn.Module, *, device: torch.device, precision: str = "float32") -> Iterator[None]:
+    """Eval mode, gradients on, forward passes in the attack's ``precision`` (``runtime.attack_precision``;
+    an encoder's own precision from its spec); the encoder's previous train/eval mode is restored."""
     was_training = encoder.training
     encoder.eval()
     try:
-        with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type=device.type, enabled=False):
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            forward_precision(encoder, device=device, mode=precision),
+        ):
             yield
     finally:
         encoder.train(was_training)
+
+
+def forward_precision(encoder: nn.Module, *, device: torch.device, mode: str) -> contextlib.AbstractContextManager:
+    """``runtime.attack_precision`` for ``encoder``: its safe dtype from its spec (a bare module: float32)."""
+    encoder_precision = getattr(getattr(encoder, "spec", None), "precision", "float32")
+    return runtime.attack_precision(device, mode=mode, encoder_precision=encoder_precision)
 
 
 class Problem:
@@ -139,6 +151,7 @@ class Method:
     eps: float
     restarts: int = 1
     norm: str = "linf"
+    precision: str = "float32"  # of the forward passes: attacks.params.ATTACK_PRECISIONS
     ball: Ball = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -153,7 +166,7 @@ class Method:
         generator: torch.Generator,
         objective: ObjectiveFn,
     ) -> AttackOutcome:
-        with attack_mode(encoder, device=clean.device):
+        with attack_mode(encoder, device=clean.device, precision=self.precision):
             problem = Problem(encoder=encoder, clean=clean, reference=reference, objective=objective, ball=self.ball)
             best, extras = self._solve(problem, generator)
         iterations = torch.full_like(best.step, problem.evaluations)

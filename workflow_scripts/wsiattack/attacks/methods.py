@@ -335,6 +335,6 @@ def build_method(spec: dict[str, Any], *, tile_mpp: float | None = None) -> tupl
     accepted = {f.name for f in fields(method) if f.init}
     if "tile_mpp" in accepted:
         params["tile_mpp"] = tile_mpp
-    return method(eps=float(spec["eps"]), **{k: v for k, v in params.items() if k in accepted}), get_objective(
-        spec.get("objective", "cosine")
-    )
+    precision = spec.get("precision", "float32")
+    kwargs = {k: v for k, v in params.items() if k in accepted}
+    return method(eps=float(spec["eps"]), precision=precision, **kwargs), get_objective(spec.get("objective", "cosine"))

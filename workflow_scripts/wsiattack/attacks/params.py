@@ -74,6 +74,9 @@ SELECTIONS = ("random", "vulnerability", "centrality", "attention")
 GRAY_BOX_SELECTIONS = frozenset({"attention"})  # selections that use the downstream model
 MASK_SOURCES = ("nuclei", "ellipses")  # attacks.snap: where the blobs' shapes come from
 ORACLE_OBJECTIVES = frozenset({"mil_cross_entropy"})  # objectives that use it (and the label)
+# The attack's forward passes (runtime.attack_precision): exact float32 (default), TF32 matmuls,
+# or the encoder's own autocast dtype as in clean extraction.
+ATTACK_PRECISIONS = ("float32", "tf32", "encoder")
 
 METHOD_PARAMS = frozenset(key for defaults in METHOD_DEFAULTS.values() for key in defaults)
 
@@ -123,6 +126,10 @@ def normalise_attack(entry: Mapping[str, Any], *, where: str) -> dict[str, Any]:
         raise ConfigError(
             f"config: {where}.objective: a universal perturbation is learned label-free (cosine or l2), not with the MIL head"
         )
+    if entry["method"] == "shuffled" and entry.get("precision") is not None:
+        raise ConfigError(
+            f"config: {where}.precision: a shuffled control is made from its source's stored tiles without running an encoder; remove it"
+        )
     out = copy.deepcopy(dict(entry))
     out.update(method_params(entry, where=where, strict=True))
     return out
@@ -158,7 +165,18 @@ def is_derived(entry: Mapping[str, Any]) -> bool:
 
 
 # What a universal pattern depends on: editing an entry's budget re-applies its patterns, not re-learns them.
-LEARNING_KEYS = ("method", "objective", "eps", "seed", "surrogate", "steps", "step_size", "train_tiles", "batch_tiles")
+LEARNING_KEYS = (
+    "method",
+    "objective",
+    "eps",
+    "seed",
+    "surrogate",
+    "steps",
+    "step_size",
+    "train_tiles",
+    "batch_tiles",
+    "precision",
+)
 
 
 def learning_spec(entry: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ byte for byte; Snakemake's benchmark file already records each job's wall time.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +34,7 @@ import torch
 from wsiattack import stores
 from wsiattack.attacks import selection as sel
 from wsiattack.attacks.budget import slide_rng, tiles_to_attack
+from wsiattack.attacks.driver import forward_precision
 from wsiattack.attacks.methods import Method, build_method
 from wsiattack.attacks.objectives import Objective, ObjectiveFn
 from wsiattack.attacks.oracle import MILHead
@@ -323,7 +325,11 @@ def _detection_evasion(
 
 def _vulnerability_selection(context: _SelectionContext, *, k: int) -> sel.Selection:
     probe = sel.Probe(
-        encoder=context.encoder, ball=context.method.ball, objective=context.objective.fn, device=context.device
+        encoder=context.encoder,
+        ball=context.method.ball,
+        objective=context.objective.fn,
+        device=context.device,
+        precision=context.method.precision,
     )
     generator = torch.Generator().manual_seed(
         int(slide_rng(context.seed, context.slide_id, stream=PROBE_STREAM).integers(2**62))
@@ -353,12 +359,15 @@ def _attack_batch(
     """The batch's store arrays, and the embeddings of its rounded adversarial tiles."""
     started = time.perf_counter()
     clean = to_unit_pixels(clean_uint8).to(device)
-    with torch.no_grad():
+    # the reference and the rounded tiles' embeddings in the attack's own precision (its objective
+    # compares like with like); evaluation compares re-embedded with stored features instead
+    in_precision = functools.partial(forward_precision, encoder, device=device, mode=method.precision)
+    with torch.no_grad(), in_precision():
         reference = encoder(clean).float()
     outcome = method(encoder=encoder, clean=clean, reference=reference, generator=generator, objective=objective_fn)
     clean_levels = channels_first(clean_uint8).to(device)
     adv_uint8 = method.ball.quantize(outcome.adversarial, clean_levels)
-    with torch.no_grad():
+    with torch.no_grad(), in_precision():
         adversarial_embedding = encoder(adv_uint8.float() / 255).float()
         after_rounding = objective_fn(adversarial_embedding, reference)
     delta = (adv_uint8.float() - clean_levels.float()).flatten(1) / 255  # exact grey-level steps

@@ -86,6 +86,7 @@ class Probe:
     objective: ObjectiveFn
     device: torch.device
     batch_size: int = 32
+    precision: str = "float32"  # of its forward passes, as the attack's (runtime.attack_precision)
 
 
 def vulnerability_scores(
@@ -97,7 +98,7 @@ def vulnerability_scores(
     (N, D) or None to compute them here (one extra forward pass per tile).
     """
     started, scores, evaluations = time.perf_counter(), np.empty(tiles.shape[0], dtype=np.float64), 0
-    with attack_mode(probe.encoder, device=probe.device):
+    with attack_mode(probe.encoder, device=probe.device, precision=probe.precision):
         for start, batch in iter_batches(tiles, batch_size=probe.batch_size):
             clean = to_unit_pixels(batch).to(probe.device)
             ref = _reference(probe, clean, None if reference is None else reference[start : start + len(batch)])
@@ -119,7 +120,10 @@ def vulnerability_scores(
 
 
 def _reference(probe: Probe, clean: torch.Tensor, rows: np.ndarray | None) -> torch.Tensor:
-    if rows is not None:
+    """The stored clean features where they were computed as the probe computes (float32 off
+    CUDA); on CUDA the probe's own forward pass, since extraction autocasts, runs in other batches
+    and lets cuDNN use TF32, each of which can move an embedding as much as the probe's step."""
+    if rows is not None and probe.device.type != "cuda":
         return torch.as_tensor(np.asarray(rows), dtype=torch.float32, device=probe.device)
     with torch.no_grad():
         return probe.encoder(clean).float()

@@ -32,7 +32,7 @@ import torch
 
 from wsiattack import stores
 from wsiattack.attacks.budget import slide_rng, tiles_to_attack
-from wsiattack.attacks.driver import attack_mode, check_gradient
+from wsiattack.attacks.driver import attack_mode, check_gradient, forward_precision
 from wsiattack.attacks.objectives import ObjectiveFn, get_objective
 from wsiattack.attacks.params import learning_spec, method_params, threat_marking
 from wsiattack.attacks.selection import random_selection
@@ -66,14 +66,16 @@ def learn_pattern(
     objective: ObjectiveFn,
     generator: torch.Generator,
     device: torch.device,
+    precision: str = "float32",
 ) -> LearnedPattern:
-    """One universal pattern for (n, T, T, 3) uint8 training tiles (see the module docstring)."""
+    """One universal pattern for (n, T, T, 3) uint8 training tiles (see the module docstring);
+    ``precision``: of the forward passes (``runtime.attack_precision``)."""
     n = len(tiles_uint8)
     if n == 0:
         raise AttackError("no training tiles to learn a universal perturbation from")
     radius = int(eps * 255 + 1e-6)
     encoder = encoder.to(device).eval()
-    reference = _embed(encoder, tiles_uint8, device)
+    reference = _embed(encoder, tiles_uint8, device, precision)
     shape = channels_first(tiles_uint8[:1]).shape[1:]
     delta = ((torch.rand(shape, generator=generator) * 2 - 1) * eps).to(device)
     batches_per_pass = math.ceil(n / batch_tiles)
@@ -81,10 +83,10 @@ def learn_pattern(
     train, eval_steps, eval_values = (
         [],
         [0],
-        [_score(encoder, tiles_uint8, delta, radius, reference, objective, device)],
+        [_score(encoder, tiles_uint8, delta, radius, reference, objective, device, precision)],
     )
     best_levels, best_value, best_step = _levels(delta, radius), eval_values[0], 0
-    with attack_mode(encoder, device=device):
+    with attack_mode(encoder, device=device, precision=precision):
         for step in range(1, steps + 1):
             if len(order) < batch_tiles:  # a new pass over the tiles in a new seeded order
                 order = torch.cat([order, torch.randperm(n, generator=generator)])
@@ -97,7 +99,7 @@ def learn_pattern(
             delta = (delta + step_size * grad.sign()).clamp(-eps, eps)
             train.append(float(value.detach()))
             if step % batches_per_pass == 0 or step == steps:
-                score = _score(encoder, tiles_uint8, delta, radius, reference, objective, device)
+                score = _score(encoder, tiles_uint8, delta, radius, reference, objective, device, precision)
                 eval_steps.append(step)
                 eval_values.append(score)
                 if score > best_value:
@@ -126,9 +128,9 @@ def _levels(delta: torch.Tensor, radius: int) -> np.ndarray:
 SCORE_BATCH = 32  # tiles per forward pass when embedding the training tiles (no gradients)
 
 
-def _embed(encoder: TileEncoder, tiles_uint8: np.ndarray, device: torch.device) -> torch.Tensor:
-    """float32 embeddings, in the same precision as the attack's forward passes (no autocast)."""
-    with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+def _embed(encoder: TileEncoder, tiles_uint8: np.ndarray, device: torch.device, precision: str) -> torch.Tensor:
+    """float32 embeddings, in the same precision as the attack's forward passes."""
+    with torch.no_grad(), forward_precision(encoder, device=device, mode=precision):
         return torch.cat(
             [
                 encoder(_unit(tiles_uint8[s : s + SCORE_BATCH], device)).float()
@@ -137,10 +139,10 @@ def _embed(encoder: TileEncoder, tiles_uint8: np.ndarray, device: torch.device) 
         )
 
 
-def _score(encoder, tiles_uint8, delta, radius, reference, objective, device) -> float:
+def _score(encoder, tiles_uint8, delta, radius, reference, objective, device, precision) -> float:
     """Mean objective of the rounded pattern applied as ``apply_pattern`` does, on all tiles."""
     adversarial, _ = apply_pattern(tiles_uint8, _levels(delta, radius))
-    return float(objective(_embed(encoder, adversarial, device), reference).mean())
+    return float(objective(_embed(encoder, adversarial, device, precision), reference).mean())
 
 
 def apply_pattern(clean_uint8: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -217,6 +219,7 @@ def learn_universal(
         objective=get_objective(spec["objective"]).fn,
         generator=generator,
         device=device,
+        precision=spec.get("precision", "float32"),
     )
     attrs = {
         "attack": learning_spec(spec),
