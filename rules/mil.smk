@@ -33,10 +33,13 @@ rule train_mil:
     conda:
         "../envs/mil.yaml"
     threads: 1
+    resources:
+        gpu=1,  # trains on a GPU where there is one (device), streaming the bags from disk
     params:
         spec=lambda wildcards: spec(
             {**wsiconfig.mil_spec(CONFIG, wildcards.mil), "fold": int(wildcards.fold), "classes": CONFIG["classes"]}
         ),
+        device=CONFIG["device"],
     script:
         "../workflow_scripts/train_mil.py"
 

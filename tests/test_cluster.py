@@ -53,7 +53,10 @@ def test_gpu_rules_are_read_from_the_rules():
         "extract_defended",
         "reembed_defended",
         "attack_defended",
+        "train_mil",  # trains on a GPU where there is one
     }
+    # all but train_mil load an encoder, so their memory follows it
+    assert cluster.encoder_rules(ROOT / "rules") == cluster.gpu_rules(ROOT / "rules") - {"train_mil"}
 
 
 def test_local_rules_are_read_from_the_snakefile():

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from wsiattack.errors import ConfigError
 from wsiattack.mil import (
     MIL_MODELS,
     MILTrainingSpec,
@@ -291,6 +292,21 @@ def test_train_mil_is_deterministic_and_leaves_global_rng_alone() -> None:
     second = train_mil(bags=bags, labels=labels, n_classes=2, spec=spec).model.state_dict()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_train_mil_takes_a_device_and_returns_a_cpu_head() -> None:
+    """The device path (bags, targets and weights moved per step; the head back on the CPU) as far
+    as a CPU shows it; tests/gpu/check.py trains the same head on a GPU and on the CPU and compares."""
+    bags, labels, _ = _synthetic_bags(n_bags=6, seed=4)
+    spec = MILTrainingSpec(model="abmil", epochs=2, lr=1e-3, weight_decay=0.0, seed=5, hparams={"hidden_dim": 8})
+    default = train_mil(bags=bags, labels=labels, n_classes=2, spec=spec).model
+    on_cpu = train_mil(bags=bags, labels=labels, n_classes=2, spec=spec, device=torch.device("cpu")).model
+    assert all(p.device.type == "cpu" for p in on_cpu.parameters())
+    assert all(
+        torch.equal(a, b) for a, b in zip(default.state_dict().values(), on_cpu.state_dict().values(), strict=True)
+    )
+    with pytest.raises(ConfigError, match="a bag hook works on CPU bags"):
+        train_mil(bags=bags, labels=labels, n_classes=2, spec=spec, bag_hook=object(), device="cuda")
 
 
 def test_train_mil_rejects_bad_labels() -> None:

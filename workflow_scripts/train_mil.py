@@ -1,6 +1,6 @@
 """Rule train_mil: one MIL head on the clean features of one fold's training slides."""
 
-from wsiattack import rulekit, stores
+from wsiattack import rulekit, runtime, stores
 from wsiattack.mil.folds import train_fold
 
 
@@ -10,6 +10,7 @@ def main(smk, spec):
         feature_stores=stores.slide_stores(smk.input.features),
         spec=spec,
         out_model=smk.output.model,
+        device=runtime.resolve_device(smk.params.device),
     )
 
 

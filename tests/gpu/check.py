@@ -11,7 +11,8 @@ null control: the same tiles unmodified) with ``perturb_slide`` and ``reembed_sl
 again with ``precision: tf32`` and ``precision: encoder`` (their objective, shift and time next to
 float32's are printed, not checked), and checks:
 every bound holds after uint8 rounding, every re-embedded feature is finite, the null control moves
-features less than the noise control, and each attack more than the noise control. Prints one
+features less than the noise control, each attack more than the noise control, and that an
+ABMIL head trained on the GPU predicts as the one trained on the CPU does. Prints one
 line per step and ``CHECK PASSED`` / ``CHECK FAILED``; exits non-zero on a failed check. Without
 CUDA the full variant says so and exits 0 (nothing to check).
 """
@@ -36,6 +37,7 @@ from wsiattack.attacks.perturb import perturb_slide  # noqa: E402
 from wsiattack.config import check_attack_entry  # noqa: E402
 from wsiattack.encoders import custom  # noqa: E402
 from wsiattack.encoders.model import TileEncoder, build_architecture, build_encoder  # noqa: E402
+from wsiattack.mil import MILTrainingSpec, predict_bag, train_mil  # noqa: E402
 from wsiattack.synthetic import render_slide  # noqa: E402
 
 TILE_PX = 224
@@ -146,6 +148,7 @@ def check_encoder(name: str, *, settings: dict, device: torch.device, workdir: P
     )
     if not np.isfinite(clean).all():
         failures.append(f"{name}: clean features not finite")
+    failures += _check_mil_training(name, clean, device=device)
     shifts, objectives, seconds_of = {}, {}, {}
     for attack, spec in attack_entries(
         k=settings["attack_tiles"], n_tiles=settings["tiles"], steps=settings["steps"], cw_rounds=settings["cw_rounds"]
@@ -195,6 +198,26 @@ def check_encoder(name: str, *, settings: dict, device: torch.device, workdir: P
         if not shifts[a] > shifts["noise"]
     ]
     return failures
+
+
+def _check_mil_training(name: str, features: np.ndarray, *, device: torch.device) -> list[str]:
+    """train_mil's device path: an ABMIL head on 16 bags of the clean features, trained on
+    ``device`` and on the CPU from the same seed, must predict alike (float rounding apart)."""
+    bags = [torch.from_numpy(bag) for bag in np.array_split(features, 16)]
+    labels = [i % 2 for i in range(len(bags))]
+    spec = MILTrainingSpec(model="abmil", epochs=3, lr=1e-4, weight_decay=0.0, seed=0, hparams={})
+    started = time.perf_counter()
+    heads = {
+        str(d): train_mil(bags=bags, labels=labels, n_classes=2, spec=spec, device=d).model for d in (device, "cpu")
+    }
+    seconds = time.perf_counter() - started
+    gap = max(
+        float(np.abs(predict_bag(heads[str(device)], bag)[0] - predict_bag(heads["cpu"], bag)[0]).max()) for bag in bags
+    )
+    print(
+        f"[{name}] MIL training on {device} and on cpu (16 bags, 3 epochs, {seconds:.1f} s): largest probability gap {gap:.2g}"
+    )
+    return [] if gap < 1e-2 else [f"{name}: the head trained on {device} predicts {gap:.3g} away from the CPU's"]
 
 
 def _bound_failures(label: str, store, spec: dict, *, clean_tiles: np.ndarray) -> list[str]:

@@ -61,6 +61,7 @@ class RuleResources:
     mem_mb: int  # for attempt 1
     runtime_min: int  # for attempt 1
     gpu: bool
+    loads_encoder: bool = False  # memory grows with the job's encoder (``encoder_rules``)
 
 
 def encoder_host_mb(spec: EncoderSpec) -> int:
@@ -105,13 +106,23 @@ def _number(text: str) -> float:
 
 
 def gpu_rules(rules_dir: Path) -> set[str]:
-    """Rules whose `resources:` declare gpu (read from rules/*.smk, where that is declared once),
-    and the rules made from them by ``use rule X as Y`` (which inherit the resources)."""
+    """Rules whose `resources:` declare gpu (read from rules/*.smk, where that is declared once)."""
+    return _rules_declaring(rules_dir, r"^\s+gpu\s*=\s*[1-9]")
+
+
+def encoder_rules(rules_dir: Path) -> set[str]:
+    """Rules whose memory is sized by their encoder (``mem_mb=gpu_job_mem_mb``)."""
+    return _rules_declaring(rules_dir, r"^\s+mem_mb\s*=\s*gpu_job_mem_mb\b")
+
+
+def _rules_declaring(rules_dir: Path, line_pattern: str) -> set[str]:
+    """Rules of rules/*.smk with a line matching ``line_pattern``, and the rules made from them by
+    ``use rule X as Y`` (which inherit their resources)."""
     found, derived = set(), []
     for smk in Path(rules_dir).glob("*.smk"):
         text = smk.read_text()
         for match in re.finditer(r"^rule (\w+):\n(.*?)(?=^rule |^use rule |\Z)", text, re.M | re.S):
-            if re.search(r"^\s+gpu\s*=\s*[1-9]", match.group(2), re.M):
+            if re.search(line_pattern, match.group(2), re.M):
                 found.add(match.group(1))
         derived += re.findall(r"^use rule (\w+) as (\w+)", text, re.M)
     return found | {new for base, new in derived if base in found}
@@ -123,10 +134,10 @@ def local_rules(snakefile: Path) -> set[str]:
     return set(re.findall(r"\w+", match.group(1))) if match else set()
 
 
-def size_rule(usage: RuleUsage, *, gpu: bool) -> RuleResources:
+def size_rule(usage: RuleUsage, *, gpu: bool, loads_encoder: bool = False) -> RuleResources:
     mem_mb = max(MEM_FLOOR_MB, math.ceil(usage.max_rss_mb * MEM_HEADROOM / MEM_STEP_MB) * MEM_STEP_MB)
     runtime_min = max(RUNTIME_FLOOR_MIN, math.ceil(usage.max_wall_s * RUNTIME_HEADROOM / 60))
-    return RuleResources(rule=usage.rule, mem_mb=mem_mb, runtime_min=runtime_min, gpu=gpu)
+    return RuleResources(rule=usage.rule, mem_mb=mem_mb, runtime_min=runtime_min, gpu=gpu, loads_encoder=loads_encoder)
 
 
 def gpu_mem_expression(base_mb: int, sizes_mb: dict[str, int]) -> str:
@@ -142,7 +153,7 @@ def render_set_resources(
     lines = []
     for res in sized:
         lines.append(f"{indent}{res.rule}:")
-        if res.gpu:  # quoted: the dict's ": " would otherwise end the YAML scalar
+        if res.loads_encoder:  # quoted: the dict's ": " would otherwise end the YAML scalar
             lines.append(f"{indent}  mem_mb: '{gpu_mem_expression(res.mem_mb, encoder_mb)}'")
         else:
             lines.append(f"{indent}  mem_mb: {res.mem_mb} * attempt")
@@ -172,15 +183,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-partition", default="gpu")
     parser.add_argument("--configfile", type=Path, help="workflow config whose custom_encoders are sized too")
     args = parser.parse_args(argv)
-    gpu, local = gpu_rules(args.rules_dir), local_rules(args.snakefile)
-    sized = [size_rule(u, gpu=u.rule in gpu) for u in read_benchmarks(args.benchmarks) if u.rule not in local]
+    gpu, local, by_encoder = gpu_rules(args.rules_dir), local_rules(args.snakefile), encoder_rules(args.rules_dir)
+    sized = [
+        size_rule(u, gpu=u.rule in gpu, loads_encoder=u.rule in by_encoder)
+        for u in read_benchmarks(args.benchmarks)
+        if u.rule not in local
+    ]
     encoder_mb = encoder_sizes_mb(_custom_encoders(args.configfile) if args.configfile else [])
     block = render_set_resources(sized, gpu_partition=args.gpu_partition, encoder_mb=encoder_mb)
     text = replace_block(args.profile.read_text(), block)
     with atomic_file(args.profile) as tmp:
         Path(tmp).write_text(text)
     for res in sized:
-        extra = "GPU, + the encoder's weights" if res.gpu else ""
+        extra = ("GPU" if res.gpu else "") + (", + the encoder's weights" if res.loads_encoder else "")
         print(f"{res.rule:14s} mem_mb={res.mem_mb:6d}  runtime={res.runtime_min:4d} min  {extra}")
 
 

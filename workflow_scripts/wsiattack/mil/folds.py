@@ -116,9 +116,15 @@ def training_spec(spec: Mapping[str, Any], *, seed: int) -> MILTrainingSpec:
 
 
 def train_fold(
-    *, splits_csv: str | Path, feature_stores: Sequence[str | Path], spec: Mapping[str, Any], out_model: str | Path
+    *,
+    splits_csv: str | Path,
+    feature_stores: Sequence[str | Path],
+    spec: Mapping[str, Any],
+    out_model: str | Path,
+    device: torch.device | str = "cpu",
 ) -> None:
-    """Train one MIL head on the clean features of every slide not in test fold ``spec['fold']``.
+    """Train one MIL head on the clean features of every slide not in test fold ``spec['fold']``,
+    on ``device``.
 
     With ``spec['val_fraction'] > 0`` an inner split of those slides (by patient, stratified)
     early-stops the training; the test fold is never seen.
@@ -135,6 +141,7 @@ def train_fold(
         spec=training_spec(spec, seed=data.seed),
         val_bags=val_bags,
         val_labels=val_labels,
+        device=device,
     )
     meta = {
         "fold": spec["fold"],

@@ -20,6 +20,7 @@ from wsiattack.atomic import atomic_file
 from wsiattack.errors import CohortError, ConfigError, StoreError
 from wsiattack.mil.models import MILModel, build_mil_model, mil_model_name, slide_cross_entropy
 
+CPU = torch.device("cpu")
 logger = logging.getLogger(__name__)
 
 # The one key of the safetensors metadata (a str -> str dict) that holds our JSON.
@@ -89,8 +90,13 @@ def train_mil(
     val_bags: Sequence[Tensor] = (),
     val_labels: Sequence[int] = (),
     bag_hook: BagHook | None = None,
+    device: torch.device | str = "cpu",
 ) -> MILTrainingResult:
     """Train ``spec.model`` on (bag, label) pairs, one bag per step, early-stopped on the val bags.
+
+    ``device``: where the head trains; each bag crosses to it when its step takes it, and the
+    returned head is on the CPU. (The result on a GPU differs from the CPU's in the last bits.)
+    ``bag_hook`` works on CPU bags: with one, train on the CPU.
 
     Classes are weighted by inverse frequency in the training bags (in the validation loss too).
     Deterministic given the inputs and ``spec.seed``; the global torch RNG is left untouched.
@@ -98,16 +104,19 @@ def train_mil(
     each step and learns along with the head; without it, or with one that changes no bag, the
     result is the clean training's.
     """
-    bags = _FloatBags(bags)
-    targets = _check_labels(labels, n_bags=len(bags), n_classes=n_classes)
-    validation = _FloatBags(val_bags, in_dim=bags.in_dim) if len(val_bags) else []
-    val_targets = _check_labels(val_labels, n_bags=len(validation), n_classes=n_classes)
-    class_weights = _class_balanced_weights(targets, n_classes=n_classes)
-    # Init and dropout draw from the global RNG: fork it so that training is seeded by the spec
-    # alone and the caller's RNG stream is the same afterwards.
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    if bag_hook is not None and device.type != "cpu":
+        raise ConfigError(f"train_mil: a bag hook works on CPU bags; train on the CPU, not {device}")
+    bags = _FloatBags(bags, device=device)
+    targets = _check_labels(labels, n_bags=len(bags), n_classes=n_classes).to(device)
+    validation = _FloatBags(val_bags, in_dim=bags.in_dim, device=device) if len(val_bags) else []
+    val_targets = _check_labels(val_labels, n_bags=len(validation), n_classes=n_classes).to(device)
+    class_weights = _class_balanced_weights(targets.cpu(), n_classes=n_classes).to(device)
+    # Init and dropout draw from the global RNG (dropout on a GPU from its own): fork both so that
+    # training is seeded by the spec alone and the caller's RNG streams are the same afterwards.
+    with torch.random.fork_rng(devices=_cuda_indices(device)):
         torch.manual_seed(spec.seed)
-        model = build_mil_model(spec.model, in_dim=bags.in_dim, n_classes=n_classes, **spec.hparams)
+        model = build_mil_model(spec.model, in_dim=bags.in_dim, n_classes=n_classes, **spec.hparams).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
         order_generator = torch.Generator().manual_seed(spec.seed)
         best_epoch, best_loss, best_state, best_hook = 0, math.inf, None, None
@@ -148,7 +157,7 @@ def train_mil(
         if bag_hook is not None:
             bag_hook.restore(best_hook)
     return MILTrainingResult(
-        model=model.eval(),
+        model=model.cpu().eval(),
         epochs_run=epoch,
         best_epoch=best_epoch,
         best_val_loss=None if best_state is None else best_loss,
@@ -194,16 +203,17 @@ class _FloatBags(Sequence[Tensor]):
     """float32 CPU bags, each converted and checked when a step takes it: the bags may be read
     from disk on demand (``mil.folds.LazyBags``), so the cohort is never in memory at once."""
 
-    def __init__(self, bags: Sequence[Tensor], *, in_dim: int | None = None):
+    def __init__(self, bags: Sequence[Tensor], *, in_dim: int | None = None, device: torch.device = CPU):
         if len(bags) == 0:
             raise CohortError("train_mil needs at least one bag")
-        self._bags = bags
+        self._bags, self._device = bags, device
         first = torch.as_tensor(bags[0], dtype=torch.float32, device="cpu")  # read once, checked before training
         self.in_dim = int(first.shape[-1]) if in_dim is None else in_dim
         self._checked(0, first)
 
     def __getitem__(self, index):  # noqa: ANN001 (int)
-        return self._checked(index, torch.as_tensor(self._bags[index], dtype=torch.float32, device="cpu"))
+        bag = self._checked(index, torch.as_tensor(self._bags[index], dtype=torch.float32, device="cpu"))
+        return bag.to(self._device)
 
     def _checked(self, index: int, bag: Tensor) -> Tensor:
         if bag.ndim != 2 or bag.shape[0] == 0 or bag.shape[1] != self.in_dim:
@@ -212,6 +222,12 @@ class _FloatBags(Sequence[Tensor]):
 
     def __len__(self) -> int:
         return len(self._bags)
+
+
+def _cuda_indices(device: torch.device) -> list[int]:
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 def _check_labels(labels: Sequence[int], *, n_bags: int, n_classes: int) -> Tensor:
