@@ -8,8 +8,9 @@ markers; the Snakefile's `localrules` never reach the cluster and are left out. 
 expressions of `attempt`, so a job that SLURM kills for memory or time is retried (the profile's
 `retries`) with twice, then three times, as much.
 
-GPU jobs load an encoder, and encoders differ 1 000-fold in size (ViT-Tiny 1 M values, ViT-g
-1.1 G): their memory is the rule's measured base plus the job's encoder's weights on the host
+Most GPU jobs load an encoder (``encoder_rules``; not train_mil), and encoders differ 1 000-fold
+in size (ViT-Tiny 1 M values, ViT-g 1.1 G): their memory is the rule's measured base plus the
+job's encoder's weights on the host
 (``encoder_host_mb``, from the parameter count of its spec), a lookup on ``wildcards.encoder``
 in the expression. The rules' own ``mem_mb`` (used without a profile) is the same sum with a
 fixed base. Torch-free: it runs where Snakemake builds the DAG.
