@@ -13,6 +13,7 @@ from torch import nn
 from wsiattack import runtime, stores
 from wsiattack.attacks.bounds import Ball, quantize_l2, quantize_linf
 from wsiattack.attacks.budget import slide_rng, tiles_to_attack
+from wsiattack.attacks.objectives import OBJECTIVES, Objective, cosine_distance
 from wsiattack.attacks.params import normalise_attack
 from wsiattack.attacks.perturb import perturb_slide
 from wsiattack.attacks.selection import centrality_scores, random_selection, top_k_selection
@@ -502,14 +503,24 @@ def test_every_forward_pass_of_an_attack_runs_in_its_precision(tmp_path, slide, 
     autocasts = []
 
     @contextlib.contextmanager
-    def spy_autocast(device, dtype_name):  # runtime.autocast is a no-op off CUDA: record the request
+    def spy_autocast(device, dtype_name):  # runtime.autocast is a no-op off CUDA: record, and autocast the CPU
         autocasts.append(dtype_name)
         try:
-            yield
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+                yield
         finally:
             autocasts.pop()
 
+    objective_saw = []
+
+    def spy_cosine(embedding, clean):  # the objective is exact whatever the encoder ran in
+        objective_saw.append(
+            (torch.is_autocast_enabled("cpu"), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        )
+        return cosine_distance(embedding, clean)
+
     monkeypatch.setattr(runtime, "autocast", spy_autocast)
+    monkeypatch.setitem(OBJECTIVES, "cosine", Objective("cosine", spy_cosine))
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     encoder = PrecisionSpy(autocasts).eval()
     spec = {**SPEC, "selection": "vulnerability", "precision": precision}
@@ -518,8 +529,12 @@ def test_every_forward_pass_of_an_attack_runs_in_its_precision(tmp_path, slide, 
     expected = (tf32, tf32, ("bfloat16",) if precision == "encoder" else ())
     assert k > 0 and len(encoder.seen) >= 1 + 1 + SPEC["steps"] + 1  # probe (one batch), reference, steps, rounded
     assert set(encoder.seen) == {expected}
+    assert objective_saw and set(objective_saw) == {(False, False, False)}
     assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before  # restored
     assert store.attrs["attack"]["precision"] == precision
+    with pytest.raises(ConfigError, match=r"attack precision 'fp8': use one of float32, tf32, encoder"):
+        with runtime.attack_precision(CPU, mode="fp8", encoder_precision="float32"):
+            pass
     entry = {key: value for key, value in SPEC.items() if key != "name"}
     with pytest.raises(ConfigError, match=r"attacks.t.precision: 'fp8' is not one of"):
         check_attack_entry({**entry, "precision": "fp8"}, where="attacks.t")

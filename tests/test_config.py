@@ -186,6 +186,10 @@ def test_encoder_specs_carry_checkpoint_and_custom_entries(shipped, tmp_path, mo
     checked = wsiconfig.validate_config(config)
     assert wsiconfig.encoder_spec(checked, "uni") == {"name": "uni", "checkpoint": str(checkpoint), "custom": None}
     assert wsiconfig.encoder_spec(checked, "mine")["custom"]["factory"] == "my_encoders:build"
+    # n_params only sizes the jobs' memory: giving it leaves the rules' specs (and outputs) alone
+    sized = copy.deepcopy(config)
+    sized["custom_encoders"]["mine"]["n_params"] = 86_000_000
+    assert wsiconfig.encoder_spec(wsiconfig.validate_config(sized), "mine") == wsiconfig.encoder_spec(checked, "mine")
     config["encoder_weights"] = {"uni": str(checkpoint), "virchow2": str(checkpoint)}
     with pytest.raises(ConfigError, match=r"encoder_weights: 'virchow2' is not listed under encoders"):
         wsiconfig.validate_config(config)

@@ -116,11 +116,14 @@ def _check_encoders(config: dict[str, Any]) -> None:
 
 
 def encoder_spec(config: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """What builds encoder ``name``: ``build_encoder(**spec)``. Part of the extract/perturb/reembed specs."""
+    """What builds encoder ``name``: ``build_encoder(**spec)``. Part of the extract/perturb/reembed
+    specs, so it holds what the outputs depend on: not a custom encoder's ``n_params``, which only
+    sizes the jobs' memory (adding it re-runs nothing)."""
+    custom = config["custom_encoders"].get(name)
     return {
         "name": name,
         "checkpoint": config["encoder_weights"].get(name),
-        "custom": config["custom_encoders"].get(name),
+        "custom": None if custom is None else {k: v for k, v in custom.items() if k != "n_params"},
     }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from wsiattack.attacks.params import ATTACK_PRECISIONS
 from wsiattack.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -79,15 +80,19 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 @contextlib.contextmanager
 def attack_precision(device: torch.device, *, mode: str, encoder_precision: str) -> Iterator[None]:
-    """The forward passes of an attack (``attacks.params.ATTACK_PRECISIONS``); the perturbation,
-    its gradient and the objective stay float32 in every mode.
+    """The encoder's forward passes in an attack (``attacks.params.ATTACK_PRECISIONS``); the
+    perturbation, its gradient and the objective stay float32 in every mode (callers evaluate
+    the objective under ``exact_arithmetic``).
 
     ``float32``: exact, no autocast and no TF32 (cuDNN's convolutions, TF32 by default, too).
     ``tf32``: float32 tensors, TF32 matmuls and convolutions on CUDA (Ampere and later; ~10 bits
     of mantissa in the products). ``encoder``: autocast to the encoder's safe dtype, as clean
-    extraction does, so an attacked embedding is computed as the stored clean features were.
-    Off CUDA all three are float32.
+    extraction does for a half-precision encoder (a float32 CNN's extraction still lets cuDNN
+    use TF32, which no mode but ``tf32`` does). Off CUDA all three are float32. float16 gradients
+    are not loss-scaled: an fp16 encoder in ``encoder`` mode may lose the smallest ones.
     """
+    if mode not in ATTACK_PRECISIONS:
+        raise ConfigError(f"attack precision {mode!r}: use one of {', '.join(ATTACK_PRECISIONS)}")
     flags = torch.backends.cuda.matmul, torch.backends.cudnn
     saved = [flag.allow_tf32 for flag in flags]
     for flag in flags:
@@ -102,6 +107,11 @@ def attack_precision(device: torch.device, *, mode: str, encoder_precision: str)
     finally:
         for flag, value in zip(flags, saved, strict=True):
             flag.allow_tf32 = value
+
+
+def exact_arithmetic(device: torch.device) -> contextlib.AbstractContextManager:
+    """float32 without autocast or TF32, whatever context encloses it: for objectives and heads."""
+    return attack_precision(device, mode="float32", encoder_precision="float32")
 
 
 def exact_dtype(device: torch.device) -> torch.dtype:

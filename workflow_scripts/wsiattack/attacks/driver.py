@@ -80,7 +80,9 @@ class Problem:
         return value.detach(), grad.detach()
 
     def _checked_value(self, x: torch.Tensor) -> torch.Tensor:
-        value = self.objective(self.encoder(x).float(), self.reference)
+        embedding = self.encoder(x).float()
+        with runtime.exact_arithmetic(x.device):  # an oracle's MIL head must not autocast with the encoder
+            value = self.objective(embedding, self.reference)
         if not torch.isfinite(value).all():
             raise AttackError(
                 "non-finite attack objective: the encoder produced NaN/Inf embeddings for a perturbed tile"

@@ -5,8 +5,9 @@ reference, generator, objective`` returns an ``AttackOutcome`` (the best iterate
 before uint8 rounding; ``perturb`` rounds it with ``Ball.quantize``).
 
 Shared guards (``attack_mode`` and ``Problem``): the encoder runs in eval mode (its previous mode
-is restored), gradients are on even under ``no_grad``/``inference_mode``, autocast is off so
-gradients are fp32, every iterate is projected into the ball and [0, 1], the best iterate per
+is restored), gradients are on even under ``no_grad``/``inference_mode``, the encoder runs in
+the entry's ``precision`` (``runtime.attack_precision``; default float32, no autocast) while the
+perturbation, its gradient and the objective are float32, every iterate is projected into the ball and [0, 1], the best iterate per
 tile is kept, and NaN objectives or NaN / all-zero input gradients raise ``AttackError``.
 
 Label-free start: the embedding distance is minimal (zero) at the clean tile, so its gradient

@@ -64,9 +64,11 @@ def stable_cross_entropy(logits: torch.Tensor, *, target: int) -> torch.Tensor:
     underflows to exactly 0 once the logit gap passes ~88–103, and the attack would stop with a
     zero-gradient error on every slide the head is confident about. The value returned is CE
     (computed in the device's exact dtype, stored in the attack store as before); its gradient is
-    ∇m, the same ascent direction without the vanishing factor. Every method normalises the
-    gradient's scale (sign, unit norm, C&W's first-order gain), and the best iterate is ranked by
-    the value, which is monotone in m, so only the underflow changes.
+    ∇m, the same ascent direction without the vanishing factor. The sign and unit-norm methods
+    take the same steps; C&W, which fixes its objective's scale once at the start, now weighs the
+    objective against the distortion by ∇m rather than by the shrinking sigmoid(m)·∇m. The best
+    iterate is ranked by the value, which is monotone in m; returned in float32, it is 0 past a
+    margin of ~−103, where iterates tie and the earliest is kept (the gradient still moves on).
     """
     exact = logits.to(exact_dtype(logits.device))
     others = torch.cat([exact[:target], exact[target + 1 :]])

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsiattack import stores
+from wsiattack import runtime, stores
 from wsiattack.attacks import selection as sel
 from wsiattack.attacks.budget import slide_rng, tiles_to_attack
 from wsiattack.attacks.driver import forward_precision
@@ -369,6 +369,7 @@ def _attack_batch(
     adv_uint8 = method.ball.quantize(outcome.adversarial, clean_levels)
     with torch.no_grad(), in_precision():
         adversarial_embedding = encoder(adv_uint8.float() / 255).float()
+    with torch.no_grad(), runtime.exact_arithmetic(device):
         after_rounding = objective_fn(adversarial_embedding, reference)
     delta = (adv_uint8.float() - clean_levels.float()).flatten(1) / 255  # exact grey-level steps
     log.info(

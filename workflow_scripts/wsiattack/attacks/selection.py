@@ -95,7 +95,8 @@ def vulnerability_scores(
     """Per tile: objective at a random start + first-order gain of one full-bound step; and the batches used.
 
     ``tiles`` is a uint8 (N, T, T, 3) zarr/numpy array; ``reference`` the clean features
-    (N, D) or None to compute them here (one extra forward pass per tile).
+    (N, D) or None to compute them here (one extra forward pass per tile; on CUDA always, see
+    ``_reference``).
     """
     started, scores, evaluations = time.perf_counter(), np.empty(tiles.shape[0], dtype=np.float64), 0
     with attack_mode(probe.encoder, device=probe.device, precision=probe.precision):

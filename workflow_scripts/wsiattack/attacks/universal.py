@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsiattack import stores
+from wsiattack import runtime, stores
 from wsiattack.attacks.budget import slide_rng, tiles_to_attack
 from wsiattack.attacks.driver import attack_mode, check_gradient, forward_precision
 from wsiattack.attacks.objectives import ObjectiveFn, get_objective
@@ -93,7 +93,9 @@ def learn_pattern(
             rows, order = order[:batch_tiles].sort().values, order[batch_tiles:]
             clean = _unit(tiles_uint8[rows.numpy()], device)
             d = delta.clone().requires_grad_(True)
-            value = objective(encoder((clean + d).clamp(0, 1)).float(), reference[rows.to(device)]).mean()
+            embedding = encoder((clean + d).clamp(0, 1)).float()
+            with runtime.exact_arithmetic(device):
+                value = objective(embedding, reference[rows.to(device)]).mean()
             (grad,) = torch.autograd.grad(value, d)
             check_gradient(grad[None])
             delta = (delta + step_size * grad.sign()).clamp(-eps, eps)
@@ -142,7 +144,9 @@ def _embed(encoder: TileEncoder, tiles_uint8: np.ndarray, device: torch.device, 
 def _score(encoder, tiles_uint8, delta, radius, reference, objective, device, precision) -> float:
     """Mean objective of the rounded pattern applied as ``apply_pattern`` does, on all tiles."""
     adversarial, _ = apply_pattern(tiles_uint8, _levels(delta, radius))
-    return float(objective(_embed(encoder, adversarial, device, precision), reference).mean())
+    embedding = _embed(encoder, adversarial, device, precision)
+    with runtime.exact_arithmetic(device):
+        return float(objective(embedding, reference).mean())
 
 
 def apply_pattern(clean_uint8: np.ndarray, levels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -227,7 +227,7 @@ class _FloatBags(Sequence[Tensor]):
 def _cuda_indices(device: torch.device) -> list[int]:
     if device.type != "cuda":
         return []
-    return [device.index if device.index is not None else torch.cuda.current_device()]
+    return list(range(torch.cuda.device_count()))  # manual_seed reseeds every GPU: fork them all
 
 
 def _check_labels(labels: Sequence[int], *, n_bags: int, n_classes: int) -> Tensor:
