@@ -337,7 +337,8 @@ def _vulnerability_selection(context: _SelectionContext, *, k: int) -> sel.Selec
     scores, evaluations = sel.vulnerability_scores(
         context.tiles,
         probe=probe,
-        reference=context.features(required_by=None),
+        # on CUDA the probe embeds its own reference (see vulnerability_scores): the store is not read
+        reference=None if context.device.type == "cuda" else context.features(required_by=None),
         generator=generator,
         label=context.slide_id,
     )

@@ -95,8 +95,10 @@ def vulnerability_scores(
     """Per tile: objective at a random start + first-order gain of one full-bound step; and the batches used.
 
     ``tiles`` is a uint8 (N, T, T, 3) zarr/numpy array; ``reference`` the clean features
-    (N, D) or None to compute them here (one extra forward pass per tile; on CUDA always, see
-    ``_reference``).
+    (N, D), valid only where they were computed as the probe computes (off CUDA: float32, the
+    same batches), or None to compute them here (one extra forward pass per tile). On CUDA the
+    caller passes None: extraction autocasts, runs in other batches and lets cuDNN use TF32,
+    each of which can move an embedding as much as the probe's step.
     """
     started, scores, evaluations = time.perf_counter(), np.empty(tiles.shape[0], dtype=np.float64), 0
     with attack_mode(probe.encoder, device=probe.device, precision=probe.precision):
@@ -121,10 +123,7 @@ def vulnerability_scores(
 
 
 def _reference(probe: Probe, clean: torch.Tensor, rows: np.ndarray | None) -> torch.Tensor:
-    """The stored clean features where they were computed as the probe computes (float32 off
-    CUDA); on CUDA the probe's own forward pass, since extraction autocasts, runs in other batches
-    and lets cuDNN use TF32, each of which can move an embedding as much as the probe's step."""
-    if rows is not None and probe.device.type != "cuda":
+    if rows is not None:
         return torch.as_tensor(np.asarray(rows), dtype=torch.float32, device=probe.device)
     with torch.no_grad():
         return probe.encoder(clean).float()
